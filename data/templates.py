@@ -1,0 +1,38 @@
+"""The one prompt formatter: training, evaluation and serving all build prompts here.
+
+Tags such as ``<GALAXY>`` stay plain text inside the prompt; no special tokens are added.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def build_prompt(example: dict[str, Any], template: str, tokenizer: Any = None) -> str:
+    """Render the prompt of a normalised example (see ``data.formats``).
+
+    Args:
+        example: a normalised example; its ``completion`` is not used.
+        template: ``data.template`` for context QA rows.
+        tokenizer: needed only for chat rows, which use the tokenizer's chat template.
+    """
+    fmt = example["format"]
+    if fmt == "prompt_completion":
+        return example["prompt"]
+    if fmt == "context_qa":
+        return template.format(context=example["context"], question=example["question"])
+    if fmt == "alpaca":
+        if example.get("context"):
+            return ALPACA_TEMPLATE.format(instruction=example["question"], input=example["context"])
+        return ALPACA_TEMPLATE_NO_INPUT.format(instruction=example["question"])
+    if fmt == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "chat rows need a tokenizer with a chat template; this model has none. Use prompt/completion "
+                "rows, or a model whose tokenizer_config.json carries a chat_template"
+            )
+        return tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
+    raise ValueError(f"unknown example format {fmt!r}")

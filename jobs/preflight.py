@@ -1,0 +1,208 @@
+"""Check a run before it trains: ``python -m jobs.preflight --config PATH [key=value ...]``.
+
+Prints rows per split and tag, token-length percentiles, truncated/skipped/bad rows, the resolved LoRA
+targets and trainable parameters, the memory one worker needs, and the number of optimizer steps. Exits 1
+with every problem found (bad rows, unknown target modules, a config error), each with its fix.
+Nothing here loads model weights: the architecture is built on the meta device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from data.dataset import PreparedData, prepare
+from data.formats import DataError, describe_bad_rows
+from data.tokenize import (
+    OverlengthError,
+    TokenizeSettings,
+    batch_order,
+    length_stats,
+    tag_counts,
+    useful_fraction,
+)
+from jobs.config import Config, ConfigError, load_config
+from jobs.model import (
+    ModelError,
+    check_vocabulary,
+    compute_dtype,
+    linear_layers,
+    load_tokenizer,
+    lora_parameter_count,
+    model_skeleton,
+    resolve_targets,
+)
+
+GIB = 1024**3
+
+
+@dataclass
+class PreflightResult:
+    """What preflight found: ``errors`` empty means the run may start."""
+
+    lines: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    optimizer_steps: int = 0
+    trainable_params: int = 0
+    memory_bytes: int = 0
+    data: PreparedData | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def run_preflight(cfg: Config) -> PreflightResult:
+    """Run every check and collect the problems instead of stopping at the first."""
+    result = PreflightResult()
+    result.lines.append(f"model        {cfg.model.name_or_path} ({cfg.model.quantization})")
+    tokenizer = skeleton = None
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        skeleton = model_skeleton(cfg.model)
+        check_vocabulary(skeleton, tokenizer, cfg.model.name_or_path)
+    except ModelError as err:
+        result.errors.append(str(err))
+    if skeleton is not None:
+        _check_lora(cfg, skeleton, result)
+    if tokenizer is not None:
+        _check_data(cfg, tokenizer, result)
+    if skeleton is not None and result.data is not None and result.data.train_rows:
+        _estimate(cfg, skeleton, result)
+    return result
+
+
+def _check_lora(cfg: Config, skeleton: Any, result: PreflightResult) -> None:
+    try:
+        targets = resolve_targets(skeleton, cfg.lora, cfg.model.name_or_path)
+    except ModelError as err:
+        result.errors.append(str(err))
+        return
+    names = sorted({n.rsplit(".", 1)[-1] for n in targets})
+    result.trainable_params = lora_parameter_count(targets, cfg.lora.r)
+    total = sum(p.numel() for p in skeleton.parameters())
+    result.lines.append(
+        f"lora         r={cfg.lora.r} alpha={cfg.lora.alpha:g} dropout={cfg.lora.dropout:g} on {', '.join(names)} "
+        f"({len(targets)} layers)"
+    )
+    result.lines.append(
+        f"trainable    {result.trainable_params:,} parameters ({100 * result.trainable_params / total:.2f}% of "
+        f"{total:,})"
+    )
+
+
+def _check_data(cfg: Config, tokenizer: Any, result: PreflightResult) -> None:
+    try:
+        data = prepare(cfg.data, tokenizer, TokenizeSettings.from_config(cfg))
+    except (DataError, OverlengthError, ValueError) as err:
+        result.errors.append(str(err))
+        return
+    result.data = data
+    loaded, report = data.loaded, data.report
+    result.lines.append(f"data         {loaded.source} (format {loaded.format})")
+    result.lines.append(
+        f"rows         {len(loaded.examples)} usable: train {len(data.train_examples)}, "
+        f"holdout {len(data.holdout_examples)}; bad {len(loaded.bad_rows)}, truncated {report.truncated}, "
+        f"skipped as too long {report.skipped}"
+    )
+    train_tags, holdout_tags = tag_counts(data.train_examples), tag_counts(data.holdout_examples)
+    for tag in sorted(set(train_tags) | set(holdout_tags)):
+        result.lines.append(f"  tag {tag:<16} train {train_tags[tag]:>6}  holdout {holdout_tags[tag]:>6}")
+    if loaded.bad_rows:
+        result.lines.append("skipped (data.on_bad_rows: skip) " + describe_bad_rows(loaded.bad_rows))
+    for outcome, where in report.examples.items():
+        result.lines.append(f"  {outcome} e.g. {', '.join(where)}")
+    if not data.train_rows:
+        result.errors.append("no training rows are left; lower data.holdout_fraction or add data")
+        return
+    lengths = [len(r["input_ids"]) for r in data.train_rows]
+    stats = length_stats(lengths)
+    result.lines.append(
+        "tokens       per row p50 {p50}, p90 {p90}, p99 {p99}, max {max} (train.max_seq_len {cap})".format(
+            **stats, cap=cfg.train.max_seq_len
+        )
+    )
+    batches = batch_order(lengths, cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length)
+    result.lines.append(
+        f"padding      {100 * useful_fraction(lengths, batches):.1f}% of batch positions are real tokens "
+        f"(padding every row to max_seq_len: {100 * sum(lengths) / (len(lengths) * cfg.train.max_seq_len):.1f}%)"
+    )
+
+
+def optimizer_steps(cfg: Config, train_rows: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or epochs over the sharded training rows."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    rows_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    return max(1, math.ceil(cfg.train.epochs * train_rows / rows_per_step))
+
+
+def estimate_memory(cfg: Config, skeleton: Any, longest_row: int) -> int:
+    """Rough peak memory of one worker in bytes: weights, LoRA training state, activations and logits."""
+    device = "cuda" if cfg.train.use_gpu else "cpu"
+    act_bytes = compute_dtype(cfg.model, device).itemsize
+    quantized = set(linear_layers(skeleton).values()) if cfg.model.quantization == "nf4" else set()
+    # NF4: 4 bits per weight plus one scale per 64 weights (8 bits with double quantisation, else 32).
+    nf4_bytes = 0.5 + (1 if cfg.model.double_quant else 4) / 64
+    weights = sum(m.weight.numel() * nf4_bytes for m in quantized)
+    quantized_ids = {id(m.weight) for m in quantized}
+    # prepare_model_for_kbit_training keeps the remaining (non-4-bit) weights in float32.
+    other_bytes = 4 if cfg.model.quantization == "nf4" else act_bytes
+    weights += sum(p.numel() * other_bytes for p in skeleton.parameters() if id(p) not in quantized_ids)
+    lora = lora_parameter_count(resolve_targets(skeleton, cfg.lora, cfg.model.name_or_path), cfg.lora.r)
+    optimizer_state = 2 if cfg.train.optimizer == "paged_adamw_8bit" else 8
+    training_state = lora * (4 + 4 + optimizer_state)  # fp32 weights and grads, then Adam's two moments
+    config = skeleton.config
+    tokens = cfg.train.batch_size * longest_row
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    ffn = getattr(config, "intermediate_size", None) or 4 * hidden
+    per_layer = tokens * (4 * hidden + 2 * ffn) * act_bytes  # one layer's activations live at a time
+    kept = layers * tokens * hidden * act_bytes if cfg.model.gradient_checkpointing else layers * per_layer
+    logits = 3 * tokens * config.vocab_size * 4  # float32 logits, their softmax and gradient
+    return int(weights + training_state + per_layer + kept + logits)
+
+
+def _estimate(cfg: Config, skeleton: Any, result: PreflightResult) -> None:
+    data = result.data
+    assert data is not None
+    longest = max(len(r["input_ids"]) for r in data.train_rows)
+    result.memory_bytes = estimate_memory(cfg, skeleton, longest)
+    result.optimizer_steps = optimizer_steps(cfg, len(data.train_rows))
+    device = "GPU" if cfg.train.use_gpu else "CPU"
+    result.lines.append(
+        f"memory       about {result.memory_bytes / GIB:.2f} GiB per worker ({device}, batch "
+        f"{cfg.train.batch_size} x {longest} tokens at most)"
+    )
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    result.lines.append(
+        f"steps        {result.optimizer_steps} optimizer steps ({per_step} rows per step = batch "
+        f"{cfg.train.batch_size} x accum {cfg.train.grad_accum} x workers {cfg.train.num_workers})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.preflight", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    result = run_preflight(cfg)
+    print("\n".join(result.lines))
+    if result.errors:
+        print(f"\npreflight FAILED with {len(result.errors)} problem(s):", file=sys.stderr)
+        for error in result.errors:
+            print(f"- {error}", file=sys.stderr)
+        return 1
+    print("\npreflight passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

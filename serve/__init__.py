@@ -1,0 +1,1 @@
+"""Ray Serve application for fine-tuned adapters (see the serve issue)."""

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over LoRA rank and learning rate (see the sweep issue)."""
