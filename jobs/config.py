@@ -266,12 +266,30 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+# Names people bring from peft / transformers TrainingArguments, and ours.
+_KNOWN_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_length": "max_seq_len",
+    "optim": "optimizer",
+    "lr_scheduler_type": "lr_scheduler",
+    "model_name": "name_or_path",
+}
+
+
 def _suggestion(loc: tuple[Any, ...]) -> str:
     parent = _section_model(tuple(loc[:-1]))
     if parent is None:
         return ""
     valid = list(parent.model_fields)
-    close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+    alias = _KNOWN_ALIASES.get(str(loc[-1]))
+    close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
     prefix = ".".join(str(p) for p in loc[:-1])
     if close:
         return f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?"

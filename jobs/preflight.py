@@ -66,21 +66,20 @@ def run_preflight(cfg: Config) -> PreflightResult:
         check_vocabulary(skeleton, tokenizer, cfg.model.name_or_path)
     except ModelError as err:
         result.errors.append(str(err))
-    if skeleton is not None:
-        _check_lora(cfg, skeleton, result)
+    targets = _check_lora(cfg, skeleton, result) if skeleton is not None else None
     if tokenizer is not None:
         _check_data(cfg, tokenizer, result)
-    if skeleton is not None and result.data is not None and result.data.train_rows:
+    if targets is not None and result.data is not None and result.data.train_rows:
         _estimate(cfg, skeleton, result)
     return result
 
 
-def _check_lora(cfg: Config, skeleton: Any, result: PreflightResult) -> None:
+def _check_lora(cfg: Config, skeleton: Any, result: PreflightResult) -> dict[str, Any] | None:
     try:
         targets = resolve_targets(skeleton, cfg.lora, cfg.model.name_or_path)
     except ModelError as err:
         result.errors.append(str(err))
-        return
+        return None
     names = sorted({n.rsplit(".", 1)[-1] for n in targets})
     result.trainable_params = lora_parameter_count(targets, cfg.lora.r)
     total = sum(p.numel() for p in skeleton.parameters())
@@ -92,6 +91,7 @@ def _check_lora(cfg: Config, skeleton: Any, result: PreflightResult) -> None:
         f"trainable    {result.trainable_params:,} parameters ({100 * result.trainable_params / total:.2f}% of "
         f"{total:,})"
     )
+    return targets
 
 
 def _check_data(cfg: Config, tokenizer: Any, result: PreflightResult) -> None:
@@ -140,7 +140,7 @@ def optimizer_steps(cfg: Config, train_rows: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * train_rows / rows_per_step))
 
 
-def estimate_memory(cfg: Config, skeleton: Any, longest_row: int) -> int:
+def estimate_memory(cfg: Config, skeleton: Any, lora_params: int, longest_row: int) -> int:
     """Rough peak memory of one worker in bytes: weights, LoRA training state, activations and logits."""
     device = "cuda" if cfg.train.use_gpu else "cpu"
     act_bytes = compute_dtype(cfg.model, device).itemsize
@@ -152,9 +152,8 @@ def estimate_memory(cfg: Config, skeleton: Any, longest_row: int) -> int:
     # prepare_model_for_kbit_training keeps the remaining (non-4-bit) weights in float32.
     other_bytes = 4 if cfg.model.quantization == "nf4" else act_bytes
     weights += sum(p.numel() * other_bytes for p in skeleton.parameters() if id(p) not in quantized_ids)
-    lora = lora_parameter_count(resolve_targets(skeleton, cfg.lora, cfg.model.name_or_path), cfg.lora.r)
     optimizer_state = 2 if cfg.train.optimizer == "paged_adamw_8bit" else 8
-    training_state = lora * (4 + 4 + optimizer_state)  # fp32 weights and grads, then Adam's two moments
+    training_state = lora_params * (4 + 4 + optimizer_state)  # fp32 weights and grads, then Adam's two moments
     config = skeleton.config
     tokens = cfg.train.batch_size * longest_row
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -169,7 +168,7 @@ def _estimate(cfg: Config, skeleton: Any, result: PreflightResult) -> None:
     data = result.data
     assert data is not None
     longest = max(len(r["input_ids"]) for r in data.train_rows)
-    result.memory_bytes = estimate_memory(cfg, skeleton, longest)
+    result.memory_bytes = estimate_memory(cfg, skeleton, result.trainable_params, longest)
     result.optimizer_steps = optimizer_steps(cfg, len(data.train_rows))
     device = "GPU" if cfg.train.use_gpu else "CPU"
     result.lines.append(
