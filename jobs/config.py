@@ -137,7 +137,19 @@ class TrainConfig(_Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, the best by holdout loss.")
     seed: int = Field(42, description="Seed for initialisation, data order and dropout.")
+
+    @model_validator(mode="after")
+    def _saves_at_evaluations(self) -> TrainConfig:
+        if self.save_every and self.eval_every and self.save_every % self.eval_every:
+            raise ValueError(
+                f"save_every ({self.save_every}) must be a multiple of eval_every ({self.eval_every}): checkpoints "
+                "are ranked by the holdout loss of the evaluation they are saved at"
+            )
+        if self.save_every and not self.eval_every:
+            raise ValueError("save_every needs eval_every: checkpoints are saved at evaluations; set train.eval_every")
+        return self
 
 
 class RunConfig(_Section):

@@ -204,6 +204,19 @@ def _fans(module: Any) -> tuple[int, int]:
     return in_features, out_features
 
 
+def _keep_trainable_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference during a training run.
+
+    On CPUs with AVX512-BF16, the first forward in eval mode under no_grad (a holdout evaluation) converts
+    each Linear4bit weight to an inference-only layout, and every later training forward then goes
+    through a kernel that breaks autograd (seen with bitsandbytes 0.50: "a view of a leaf Variable that
+    requires grad is being used in an in-place operation" for layers with a bias).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def attach_lora(model: Any, cfg: Config) -> Any:
     """Wrap a loaded base model with a fresh, trainable LoRA adapter from ``cfg.lora``."""
     from peft import LoraConfig as PeftLoraConfig
@@ -212,6 +225,7 @@ def attach_lora(model: Any, cfg: Config) -> Any:
     targets = resolve_targets(model, cfg.lora, cfg.model.name_or_path)
     checkpointing = {"use_reentrant": False}  # reentrant checkpointing breaks LoRA under DDP
     if cfg.model.quantization == "nf4":
+        _keep_trainable_4bit_layout(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.model.gradient_checkpointing,

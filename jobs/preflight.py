@@ -9,7 +9,6 @@ Nothing here loads model weights: the architecture is built on the meta device.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from data.tokenize import (
     useful_fraction,
 )
 from jobs.config import Config, ConfigError, load_config
+from jobs.loop import steps_per_epoch, total_steps
 from jobs.model import (
     ModelError,
     check_vocabulary,
@@ -133,11 +133,8 @@ def _check_data(cfg: Config, tokenizer: Any, result: PreflightResult) -> None:
 
 
 def optimizer_steps(cfg: Config, train_rows: int) -> int:
-    """Optimizer steps of the run: ``train.max_steps``, or epochs over the sharded training rows."""
-    if cfg.train.max_steps:
-        return cfg.train.max_steps
-    rows_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
-    return max(1, math.ceil(cfg.train.epochs * train_rows / rows_per_step))
+    """Optimizer steps of the run, counted exactly as the training loop counts them."""
+    return total_steps(cfg, steps_per_epoch(train_rows // cfg.train.num_workers, cfg))
 
 
 def estimate_memory(cfg: Config, skeleton: Any, lora_params: int, longest_row: int) -> int:

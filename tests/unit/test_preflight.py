@@ -32,7 +32,7 @@ def test_quickstart_preflight_numbers_are_consistent():
 
 def test_steps_follow_epochs_workers_and_max_steps():
     cfg = load_config(QUICKSTART, ["train.epochs=3", "train.batch_size=4", "train.grad_accum=2", "train.num_workers=2"])
-    assert optimizer_steps(cfg, 100) == 19  # ceil(3 * 100 / 16)
+    assert optimizer_steps(cfg, 100) == 18  # 3 epochs x (50 rows per worker // 8 rows per step)
     assert optimizer_steps(load_config(QUICKSTART, ["train.max_steps=7"]), 100) == 7
 
 

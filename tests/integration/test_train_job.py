@@ -1,0 +1,120 @@
+"""The training job on a real local Ray: DDP workers, the exported adapter, worker and driver failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TARGETS = "[q_proj,k_proj,v_proj,dense,fc1,fc2]"
+
+
+def _command(model_dir, storage, name, *extra):
+    return [
+        sys.executable, "-m", "jobs.train", "--config", str(REPO / "configs/quickstart.yaml"),
+        f"model.name_or_path={model_dir}", f"lora.target_modules={TARGETS}", "lora.r=4", "lora.alpha=8",
+        "train.max_seq_len=64", "train.lr=3e-3", "train.cpus_per_worker=1", "train.logging_steps=1",
+        f"run.storage_path={storage}", f"run.name={name}", *extra,
+    ]  # fmt: skip
+
+
+def _start(command, log):
+    # A process group of its own, so that killing it takes its local Ray down with it.
+    return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_*/trainer_state.json"))
+
+
+def _worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
+
+
+@pytest.mark.ray
+def test_two_ddp_workers_produce_an_adapter_that_loads_with_transformers_and_peft_alone(tiny_phi_dir, tmp_path):
+    command = _command(tiny_phi_dir, tmp_path, "ddp", "train.num_workers=2", "train.max_steps=6", "train.eval_every=3")
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    adapter = tmp_path / "ddp" / "adapter"
+    assert f"adapter: {adapter}" in proc.stdout
+    files = {p.name for p in adapter.iterdir()}
+    expected = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md", "metrics.json", "qlora_ray_config.yaml"}
+    assert expected <= files, files
+    metrics = json.loads((adapter / "metrics.json").read_text())
+    assert metrics["step"] in (3, 6) and metrics["val_loss"] > 0
+    assert "step 6/6" in proc.stdout + proc.stderr  # rank 0's progress lines reach the driver
+
+    # Exactly the seed model cards' recipe, in a fresh interpreter that never imports qlora-ray.
+    script = f"""
+import json, sys
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+adapter = {str(adapter)!r}
+base_id = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_id), adapter)
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+inputs = tokenizer("what is ray ?", return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+assert out.shape[1] > inputs["input_ids"].shape[1]
+ours = [m for m in sys.modules if m.split(".")[0] in ("jobs", "data", "serve", "tune")]
+assert not ours, ours
+print("LOADED", base_id)
+"""
+    check = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert f"LOADED {tiny_phi_dir}" in check.stdout
+
+
+@pytest.mark.ray
+def test_killed_worker_restarts_from_the_last_checkpoint(tiny_phi_dir, tmp_path):
+    command = _command(tiny_phi_dir, tmp_path, "flaky", "train.max_steps=400", "train.eval_every=5", "train.max_failures=1")
+    with open(tmp_path / "log.txt", "wb") as log:
+        proc = _start(command, log)
+        try:
+            _wait_for(lambda: _checkpoints(tmp_path / "flaky"), 300, "a first checkpoint")
+            pids = _worker_pids()
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
+            assert proc.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    output = (tmp_path / "log.txt").read_text()
+    resumed = [int(line.split("resuming from step ")[1].split()[0]) for line in output.splitlines() if "resuming from step" in line]
+    assert resumed and resumed[0] > 0 and resumed[0] % 5 == 0, output[-3000:]
+    assert json.loads((tmp_path / "flaky/adapter/metrics.json").read_text())["step"] > resumed[0]
+
+
+@pytest.mark.ray
+def test_rerunning_after_the_driver_died_resumes(tiny_phi_dir, tmp_path):
+    command = _command(tiny_phi_dir, tmp_path, "resume", "train.max_steps=400", "train.eval_every=5")
+    with open(tmp_path / "first.txt", "wb") as log:
+        proc = _start(command, log)
+        try:
+            _wait_for(lambda: _checkpoints(tmp_path / "resume"), 300, "a first checkpoint")
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reached = max(json.loads(p.read_text())["step"] for p in _checkpoints(tmp_path / "resume"))
+    second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    line = next(li for li in output.splitlines() if "resuming from step" in li)
+    assert int(line.split("resuming from step ")[1].split()[0]) >= reached > 0
+    assert json.loads((tmp_path / "resume/adapter/metrics.json").read_text())["step"] == 400
