@@ -69,6 +69,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        log.info("restoring from checkpoint %s", checkpoint.path)
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
         train(cfg, model, tokenizer, rows, holdout, report, Dist(rank, world, device), resume_dir)
 

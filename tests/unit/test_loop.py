@@ -22,7 +22,12 @@ def _cfg(model_dir, **train):
     return from_dict(
         {
             "model": {"name_or_path": str(model_dir)},
-            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]},
+            "lora": {
+                "r": 8,
+                "alpha": 16,
+                "dropout": 0.0,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+            },
             "data": {"path": str(REPO / "data/samples/faq.jsonl"), "holdout_fraction": 0.2},
             "train": {"batch_size": 8, "max_seq_len": 64, "lr": 1e-2, "eval_every": 4, **train},
         }
