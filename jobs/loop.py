@@ -219,7 +219,17 @@ class _Window:
             "lr": lr,
             "tokens_per_second": tokens / max(1e-9, time.perf_counter() - self.start),
             "useful_token_fraction": tokens / max(1, padded),
+            "peak_memory_gb": peak_memory_gb(dist.device),
         }
+
+
+def peak_memory_gb(device: str) -> float:
+    """Peak accelerator memory allocated by torch on CUDA; peak resident memory of this process on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def _log_progress(step: int, total: int, window: _Window, lr: float) -> None:

@@ -172,11 +172,46 @@ def _estimate(cfg: Config, skeleton: Any, result: PreflightResult) -> None:
         f"memory       about {result.memory_bytes / GIB:.2f} GiB per worker ({device}, batch "
         f"{cfg.train.batch_size} x {longest} tokens at most)"
     )
+    _check_fits(cfg, skeleton, result)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.num_workers
     result.lines.append(
         f"steps        {result.optimizer_steps} optimizer steps ({per_step} rows per step = batch "
         f"{cfg.train.batch_size} x accum {cfg.train.grad_accum} x workers {cfg.train.num_workers})"
     )
+
+
+def _check_fits(cfg: Config, skeleton: Any, result: PreflightResult) -> None:
+    """Refuse, before any weights load, a run that cannot fit: too long for the model, or out of memory."""
+    positions = getattr(skeleton.config, "max_position_embeddings", None)
+    if positions and cfg.train.max_seq_len > positions:
+        result.errors.append(
+            f"train.max_seq_len {cfg.train.max_seq_len} exceeds the {positions} positions of "
+            f"{cfg.model.name_or_path}; set train.max_seq_len <= {positions}"
+        )
+    available, where = _available_memory(cfg)
+    if available and result.memory_bytes > available:
+        result.errors.append(
+            f"the run needs about {result.memory_bytes / GIB:.1f} GiB per worker but {where} has "
+            f"{available / GIB:.1f} GiB available; lower train.batch_size (raising train.grad_accum keeps the "
+            "effective batch), lower train.max_seq_len, or set model.gradient_checkpointing: true"
+        )
+
+
+def _available_memory(cfg: Config) -> tuple[int, str]:
+    """Memory one worker can use here, or 0 when this process cannot know (a remote cluster, no local GPU)."""
+    import os
+
+    import psutil
+    import torch
+
+    if cfg.train.use_gpu:
+        if not torch.cuda.is_available():
+            return 0, ""
+        return torch.cuda.get_device_properties(0).total_memory, "one GPU of this machine"
+    if os.environ.get("RAY_ADDRESS"):
+        return 0, ""
+    workers = cfg.train.num_workers
+    return psutil.virtual_memory().available // workers, f"this machine (per worker of {workers})"
 
 
 def main(argv: list[str] | None = None) -> int:

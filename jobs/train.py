@@ -100,7 +100,7 @@ def run_train(cfg: Config) -> TrainOutcome:
     assert check.data is not None
     if not check.data.holdout_rows:
         raise TrainError("no holdout rows to evaluate on: set data.holdout_fraction > 0 (e.g. 0.1)")
-    _start_ray()
+    _start_ray(cfg.run.local_dashboard)
     ray.data.DataContext.get_current().enable_progress_bars = False  # rows are already tokenised: nothing to watch
     storage = _storage_path(cfg, ray)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
@@ -147,13 +147,14 @@ def _absolute_local_paths(cfg: Config) -> Config:
     return from_dict(raw)
 
 
-def _start_ray() -> None:
+def _start_ray(dashboard: bool) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    # No address: connect to RAY_ADDRESS or the job's cluster if there is one, else start a local Ray.
-    context = ray.init(log_to_driver=True)
+    # No address: connect to RAY_ADDRESS or the job's cluster if there is one, else start a local Ray
+    # (include_dashboard only applies to that local one).
+    context = ray.init(log_to_driver=True, include_dashboard=dashboard)
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
 

@@ -96,3 +96,11 @@ def test_readme_main_command_runs_as_a_cli():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "preflight passed" in proc.stdout
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading_weights(capsys):
+    too_long = main(["--config", QUICKSTART, "train.max_seq_len=100000", "train.batch_size=100000"])
+    err = capsys.readouterr().err
+    assert too_long == 1
+    assert "train.max_seq_len 100000 exceeds the 8192 positions" in err
+    assert "needs about" in err and "lower train.batch_size" in err
