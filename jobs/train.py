@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -58,6 +57,11 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     seed_everything(cfg.train.seed)  # same LoRA initialisation on every rank
     tokenizer = load_tokenizer(cfg.model)
     model = attach_lora(load_model(cfg.model, device), cfg)
+    log.info(
+        "rank %d/%d: %s base on %s, gradient checkpointing %s, %d torch threads",
+        rank, world, cfg.model.quantization, device, "on" if cfg.model.gradient_checkpointing else "off",
+        torch.get_num_threads(),
+    )  # fmt: skip
     if world > 1:
         device_ids = [torch.device(device).index] if device.startswith("cuda") else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -216,5 +220,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     sys.exit(main())
