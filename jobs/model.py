@@ -85,15 +85,24 @@ def _hub_error(name: str, err: Exception) -> ModelError:
     )
 
 
+def _from_pretrained(factory: Any, cfg: ModelConfig, errors: tuple[type[Exception], ...], **kwargs: Any) -> Any:
+    """``factory.from_pretrained`` on the resolved path, with the configured revision and remote-code policy."""
+    try:
+        return factory.from_pretrained(
+            resolve_model_path(cfg.name_or_path),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            **kwargs,
+        )
+    except errors as err:
+        raise _hub_error(cfg.name_or_path, err) from None
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer of the base model, with a pad token (EOS when it has none; no token is added)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _hub_error(cfg.name_or_path, err) from None
+    tokenizer = _from_pretrained(AutoTokenizer, cfg, (OSError, ValueError))
     if tokenizer.eos_token_id is None:
         raise ModelError(f"the tokenizer of {cfg.name_or_path!r} has no EOS token; completions could never end")
     if tokenizer.pad_token_id is None:
@@ -127,24 +136,14 @@ def load_model(cfg: ModelConfig, device: str = "cpu") -> Any:
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=dtype,
         )
-    path = resolve_model_path(cfg.name_or_path)
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs
-        )
-    except OSError as err:
-        raise _hub_error(cfg.name_or_path, err) from None
+    return _from_pretrained(AutoModelForCausalLM, cfg, (OSError,), **kwargs)
 
 
 def model_skeleton(cfg: ModelConfig) -> Any:
     """The architecture with no weights (meta device): module names and shapes for preflight."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = resolve_model_path(cfg.name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _hub_error(cfg.name_or_path, err) from None
+    config = _from_pretrained(AutoConfig, cfg, (OSError, ValueError))
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
 
