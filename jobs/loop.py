@@ -126,7 +126,6 @@ def train(
         log.info("resuming from step %d of %d", step, total)
     torch.manual_seed(cfg.train.seed + 1000 * dist.rank + step)  # dropout stream, distinct per rank
     lengths = [len(r["input_ids"]) for r in rows]
-    micro = cfg.train.batch_size * cfg.train.grad_accum
     autocast = _autocast(cfg, dist.device)
     metrics: dict[str, float] = {}
     window = _Window()
@@ -139,7 +138,7 @@ def train(
         loss, tokens, padded = _optimizer_step(model, params, optimizer, group_rows, tokenizer, cfg, dist, autocast)
         scheduler.step()
         step += 1
-        window.add(loss, tokens, padded, micro)
+        window.add(loss, tokens, padded)
         if dist.rank == 0 and (step % cfg.train.logging_steps == 0 or step == total):
             _log_progress(step, total, window, scheduler.get_last_lr()[0])
         eval_due = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total
@@ -201,11 +200,11 @@ class _Window:
     """Running totals between two evaluations."""
 
     def __init__(self) -> None:
-        self.start, self.loss, self.steps, self.tokens, self.padded, self.rows = time.perf_counter(), 0.0, 0, 0, 0, 0
+        self.start, self.loss, self.steps, self.tokens, self.padded = time.perf_counter(), 0.0, 0, 0, 0
 
-    def add(self, loss: float, tokens: int, padded: int, rows: int) -> None:
+    def add(self, loss: float, tokens: int, padded: int) -> None:
         self.loss, self.steps = self.loss + loss, self.steps + 1
-        self.tokens, self.padded, self.rows = self.tokens + tokens, self.padded + padded, self.rows + rows
+        self.tokens, self.padded = self.tokens + tokens, self.padded + padded
 
     def tokens_per_second(self) -> float:
         return self.tokens / max(1e-9, time.perf_counter() - self.start)
