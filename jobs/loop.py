@@ -8,8 +8,8 @@ which is how the unit tests and the benchmarks drive it. The loop's contact with
   checkpoint on rank 0 when one is due (None otherwise),
 - ``resume_dir``: a checkpoint directory to continue from.
 
-Data order is a pure function of (seed, epoch), so a run resumed at step ``s`` sees exactly the batches an
-uninterrupted run would have seen from step ``s`` on.
+Data order is a pure function of (seed, epoch) and dropout of (seed, rank, step), so a run resumed at step
+``s`` sees exactly the batches and draws an uninterrupted run would have from step ``s`` on.
 """
 
 from __future__ import annotations
@@ -124,15 +124,19 @@ def train(
     if resume_dir:
         step, best = _load_state(resume_dir, peft_model, optimizer, scheduler, dist)
         log.info("resuming from step %d of %d", step, total)
-    torch.manual_seed(cfg.train.seed + 1000 * dist.rank + step)  # dropout stream, distinct per rank
     lengths = [len(r["input_ids"]) for r in rows]
     autocast = _autocast(cfg, dist.device)
     metrics: dict[str, float] = {}
     window = _Window()
     model.train()
+    batches_epoch, batches = -1, []
     while step < total:
         epoch, offset = divmod(step, per_epoch)
-        batches = batch_order(lengths, cfg.train.batch_size, cfg.train.seed + epoch, cfg.train.group_by_length)
+        if epoch != batches_epoch:
+            batches_epoch = epoch
+            batches = batch_order(lengths, cfg.train.batch_size, cfg.train.seed + epoch, cfg.train.group_by_length)
+        # Dropout randomness is a function of (seed, rank, step): a resumed run draws what an unbroken one would.
+        torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank + step)
         group = batches[offset * cfg.train.grad_accum : (offset + 1) * cfg.train.grad_accum]
         group_rows = [[rows[i] for i in b] for b in group]
         loss, tokens, padded = _optimizer_step(model, params, optimizer, group_rows, tokenizer, cfg, dist, autocast)
@@ -261,11 +265,14 @@ def _report(report, metrics, peft_model, tokenizer, optimizer, scheduler, step, 
 
 
 def save_checkpoint(directory, peft_model, tokenizer, optimizer, scheduler, step, best, metrics) -> None:
-    """Adapter (a loadable PEFT directory), optimizer, scheduler, step and RNG state. No base weights."""
+    """Adapter (a loadable PEFT directory), optimizer, scheduler and step. No base weights.
+
+    The random state needs no saving: the loop reseeds from (seed, rank, step) before every step.
+    """
     peft_model.save_pretrained(os.path.join(directory, ADAPTER_DIR), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(directory, ADAPTER_DIR))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
         os.path.join(directory, "training_state.pt"),
     )
     Path(directory, STATE_FILE).write_text(json.dumps({"step": step, "best_val_loss": best, "metrics": metrics}))

@@ -9,6 +9,7 @@ Nothing here loads model weights: the architecture is built on the meta device.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,7 @@ class PreflightResult:
     trainable_params: int = 0
     memory_bytes: int = 0
     data: PreparedData | None = None
+    tokenizer: Any = None
 
     @property
     def ok(self) -> bool:
@@ -61,7 +63,7 @@ def run_preflight(cfg: Config) -> PreflightResult:
     result.lines.append(f"model        {cfg.model.name_or_path} ({cfg.model.quantization})")
     tokenizer = skeleton = None
     try:
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = result.tokenizer = load_tokenizer(cfg.model)
         skeleton = model_skeleton(cfg.model)
         check_vocabulary(skeleton, tokenizer, cfg.model.name_or_path)
     except ModelError as err:
@@ -199,8 +201,6 @@ def _check_fits(cfg: Config, skeleton: Any, result: PreflightResult) -> None:
 
 def _available_memory(cfg: Config) -> tuple[int, str]:
     """Memory one worker can use here, or 0 when this process cannot know (a remote cluster, no local GPU)."""
-    import os
-
     import psutil
     import torch
 

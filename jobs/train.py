@@ -136,7 +136,7 @@ def run_train(cfg: Config) -> TrainOutcome:
     if best is None:
         raise TrainError(f"the run at {result.path} produced no checkpoint")
     metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), result.metrics)
-    prompt = build_prompt(check.data.holdout_examples[0], cfg.data.template, load_tokenizer(cfg.model))
+    prompt = build_prompt(check.data.holdout_examples[0], cfg.data.template, check.tokenizer)
     adapter = export_adapter(best, cfg, metrics, storage, prompt)
     return TrainOutcome(adapter_dir=adapter, metrics=metrics, run_path=result.path)
 
