@@ -8,12 +8,14 @@ process, for a few optimizer steps. Gradient checkpointing is off (as in the qui
 the seed recipe, which kept it on:
 
 - ``ours``: ``jobs.train.run_train`` (Ray Train, one worker): completion-only labels, per-batch padding,
-  length-grouped batches, 16 rows per micro-batch (padding no longer eats the memory for that).
+  length-grouped batches, 16 rows per micro-batch (padding no longer eats the memory for that), logits
+  only at labelled positions, skip-sampled LoRA dropout on CPU (``jobs.dropout``).
 - ``ours-loop-no-ray``: the same loop (``jobs.loop.train``) in a plain process: the cost of Ray on top.
 - ``seed``: the seed recipe as written: HF ``Trainer`` with ``DataCollatorForLanguageModeling``, prompt and
   completion as one text, every row padded to 512 tokens, pad token = EOS.
-- ``dynamic``: HF ``Trainer`` on our tokenised rows with per-batch (dynamic) padding, 4 x 4 as the recipe,
-  and ``dynamic-16x1`` the same with 16 rows per micro-batch.
+- ``dynamic``: HF ``Trainer`` on our tokenised rows (completion-only labels) with per-batch (dynamic)
+  padding, 4 x 4 as the recipe, and ``dynamic-16x1`` the same with 16 rows per micro-batch. Stock peft
+  LoRA (``nn.Dropout``) and the model's full-logits loss.
 
 Measured: useful (non-pad) tokens per second over the timed optimizer steps, the epoch time that implies,
 and peak memory. Model loading and Ray start-up are not timed.
@@ -184,7 +186,7 @@ VARIANTS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default=str(REPO.parent / "shared/seed-data/galaxy_alibaba_qa.json"))
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (16 rows each)")
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per variant (16 rows each)")
     parser.add_argument("--seed-steps", type=int, default=1, help="optimizer steps for the pad-to-512 recipe")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

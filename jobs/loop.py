@@ -31,12 +31,17 @@ import torch
 
 from data.tokenize import IGNORE_INDEX, batch_order, collate
 from jobs.config import Config
+from jobs.dropout import use_skip_dropout
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
 Report = Callable[[dict[str, float], "str | None"], None]
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite: more steps cannot recover, so the run stops with the fix."""
 
 
 @dataclass
@@ -115,6 +120,7 @@ def train(
     """Train ``model`` (a PEFT model, DDP-wrapped when world > 1) and return the final metrics."""
     dist = dist or Dist()
     peft_model = model.module if hasattr(model, "module") else model
+    use_skip_dropout(peft_model, dist.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     per_epoch = dist.all_min(steps_per_epoch(len(rows), cfg))
@@ -170,15 +176,34 @@ def _optimizer_step(model, params, optimizer, group_rows, tokenizer, cfg, dist, 
         # DDP all-reduces gradients only on the last micro-batch of the accumulation window.
         no_sync = model.no_sync() if not sync and hasattr(model, "no_sync") else contextlib.nullcontext()
         with no_sync, autocast:
-            out = model(**batch, num_items_in_batch=max(1, label_tokens))
-        out.loss.backward()
-        loss_sum += out.loss.item()  # each micro-batch loss is already divided by the window's label tokens
-    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+            loss = completion_loss(model, batch) / max(1, label_tokens)
+        loss.backward()
+        loss_sum += loss.item()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        raise DivergedError(
+            f"the training loss is {loss_sum:g} and the gradient norm {grad_norm:g}: the run diverged. Lower "
+            f"train.lr (now {cfg.train.lr:g}) or train.max_grad_norm (now {cfg.train.max_grad_norm:g})"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     padded = sum(b["attention_mask"].numel() for b in batches)
     return loss_sum, real, padded
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy summed over the labelled (completion) tokens of ``batch``.
+
+    Logits are computed only at the positions whose next token is labelled (``logits_to_keep`` as a
+    boolean mask, which the model's own forward applies before its output head): the prompt positions
+    never go through the vocabulary-sized projection and softmax.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE_INDEX
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep[:, :-1]], reduction="sum")
 
 
 @torch.no_grad()
@@ -189,12 +214,10 @@ def evaluate(model, holdout, tokenizer, cfg, dist, autocast) -> dict[str, float]
     lengths = [len(r["input_ids"]) for r in holdout]
     for batch_ids in batch_order(lengths, cfg.train.batch_size * 2, seed=0, group_by_length=True):
         batch = collate([holdout[i] for i in batch_ids], tokenizer.pad_token_id)
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         with autocast:
-            out = model(**batch, num_items_in_batch=max(1, n))
-        loss_sum += out.loss.item() * n
-        count += n
+            loss_sum += completion_loss(model, batch).item()
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     loss_sum, count = dist.all_sum([loss_sum, float(count)])
     val_loss = loss_sum / count if count else math.nan
     return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}

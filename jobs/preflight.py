@@ -159,7 +159,7 @@ def estimate_memory(cfg: Config, skeleton: Any, lora_params: int, longest_row: i
     ffn = getattr(config, "intermediate_size", None) or 4 * hidden
     per_layer = tokens * (4 * hidden + 2 * ffn) * act_bytes  # one layer's activations live at a time
     kept = layers * tokens * hidden * act_bytes if cfg.model.gradient_checkpointing else layers * per_layer
-    logits = 3 * tokens * config.vocab_size * 4  # float32 logits, their softmax and gradient
+    logits = 3 * tokens * config.vocab_size * 4  # float32 logits (at most every position labelled), softmax, grad
     return int(weights + training_state + per_layer + kept + logits)
 
 

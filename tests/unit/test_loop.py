@@ -10,22 +10,32 @@ import pytest
 import torch
 
 from data.dataset import prepare
-from data.tokenize import TokenizeSettings
+from data.tokenize import TokenizeSettings, collate
 from jobs.config import from_dict
-from jobs.loop import ADAPTER_DIR, STATE_FILE, Dist, evaluate, lr_lambda, seed_everything, train
+from jobs.loop import (
+    ADAPTER_DIR,
+    STATE_FILE,
+    Dist,
+    DivergedError,
+    completion_loss,
+    evaluate,
+    lr_lambda,
+    seed_everything,
+    train,
+)
 from jobs.model import attach_lora, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _cfg(model_dir, **train):
+def _cfg(model_dir, dropout=0.0, **train):
     return from_dict(
         {
             "model": {"name_or_path": str(model_dir)},
             "lora": {
                 "r": 8,
                 "alpha": 16,
-                "dropout": 0.0,
+                "dropout": dropout,
                 "target_modules": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
             },
             "data": {"path": str(REPO / "data/samples/faq.jsonl"), "holdout_fraction": 0.2},
@@ -73,7 +83,7 @@ def test_loop_learns_and_reports_at_every_evaluation(tiny_phi_dir, tmp_path):
 
 
 def test_resumed_run_ends_exactly_where_an_uninterrupted_run_ends(tiny_phi_dir, tmp_path):
-    cfg = _cfg(tiny_phi_dir, max_steps=12, save_every=4)
+    cfg = _cfg(tiny_phi_dir, dropout=0.1, max_steps=12, save_every=4)  # dropout draws must repeat on resume too
     _, _, uninterrupted, _ = _run(cfg, keep=tmp_path)
     _, reports, resumed, _ = _run(cfg, resume_dir=str(tmp_path / "step4"))
     assert [int(m["step"]) for m, _ in reports] == [8, 12]  # continued from step 4, not from zero
@@ -105,3 +115,31 @@ def test_paged_adamw_8bit_trains_on_cpu(tiny_phi_dir):
     cfg = _cfg(tiny_phi_dir, max_steps=4, optimizer="paged_adamw_8bit")
     final, _, lora, _ = _run(cfg)
     assert final["step"] == 4 and any(t.abs().sum() > 0 for k, t in lora.items() if "lora_B" in k)
+
+
+def test_completion_loss_equals_the_models_own_loss_over_labelled_tokens(tiny_phi_dir):
+    """Logits only at labelled positions give exactly the full-logits loss, and its gradients."""
+    cfg = _cfg(tiny_phi_dir)
+    tokenizer = load_tokenizer(cfg.model)
+    rows = prepare(cfg.data, tokenizer, TokenizeSettings.from_config(cfg)).train_rows[:6]
+    batch = collate(rows, tokenizer.pad_token_id)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < labelled < int(batch["attention_mask"].sum())  # prompts are not labelled: some logits are skipped
+    model = attach_lora(load_model(cfg.model), cfg)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    ours = completion_loss(model, batch) / labelled
+    ours.backward()
+    ours_grads = [p.grad.clone() for p in lora]
+    model.zero_grad()
+    reference = model(**batch).loss
+    reference.backward()
+    torch.testing.assert_close(ours, reference)
+    for mine, theirs in zip(ours_grads, [p.grad for p in lora], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_a_diverging_run_stops_with_the_fix(tiny_phi_dir):
+    cfg = _cfg(tiny_phi_dir, max_steps=6, lr=0.5)
+    cfg.lora.alpha = 1e30  # a LoRA scale of 1e29 overflows float32 as soon as lora_B leaves zero
+    with pytest.raises(DivergedError, match=r"diverged\. Lower train\.lr \(now 0\.5\)"):
+        _run(cfg)
