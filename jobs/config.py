@@ -164,9 +164,48 @@ class RunConfig(_Section):
 
 
 class SweepConfig(_Section):
-    num_samples: int = Field(8, ge=1, description="Trials to run.")
-    metric: str = Field("val_loss", description="Metric that ranks trials.")
+    """A Ray Tune sweep over LoRA rank and learning rate; every trial is a run of the train job."""
+
+    search: Literal["random", "grid", "optuna"] = Field(
+        "random",
+        description="'random': num_samples draws; 'grid': every rank x lr_grid pair, num_samples times over; "
+        "'optuna': Optuna TPE (pip install optuna).",
+    )
+    num_samples: int = Field(8, ge=1, description="Trials to draw ('random', 'optuna'); grid repeats ('grid').")
+    metric: Literal["val_loss", "val_perplexity"] = Field("val_loss", description="Metric that ranks trials.")
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher metric is better.")
+    ranks: list[int] = Field([8, 16, 32, 64], min_length=1, description="LoRA ranks to choose from.")
+    lr_min: float = Field(5e-5, gt=0, lt=1, description="Learning rate lower bound (log-uniform).")
+    lr_max: float = Field(5e-4, gt=0, lt=1, description="Learning rate upper bound (log-uniform).")
+    lr_grid: list[float] = Field([5e-5, 1.5e-4, 5e-4], min_length=1, description="Learning rates of search: grid.")
+    alpha_per_rank: float = Field(2.0, gt=0, description="alpha = alpha_per_rank x r, unless alphas is set.")
+    alphas: list[float] | None = Field(None, description="Search alpha among these values instead of the rule.")
+    dropouts: list[float] | None = Field(None, description="Search LoRA dropout among these values (optional).")
+    early_stopping: bool = Field(True, description="ASHA: stop trials whose holdout metric trails the others'.")
+    grace_period: int = Field(
+        0, ge=0, description="Optimizer steps before ASHA may stop a trial; 0: the first evaluation (eval_every)."
+    )
+    reduction_factor: float = Field(3, gt=1, description="ASHA keeps the best 1/reduction_factor at each rung.")
+    max_concurrent_trials: int = Field(
+        0, ge=0, description="Trials at once; 0: as many as the cluster's CPUs (or GPUs) fit."
+    )
+    cpus_per_trial: float = Field(0, ge=0, description="CPUs per trial; 0: train.num_workers x cpus_per_worker.")
+    gpus_per_trial: float = Field(
+        0, ge=0, description="GPUs per trial, fractions allowed (0.5: two trials share a GPU); needs train.use_gpu."
+    )
+    max_retries: int = Field(0, ge=0, description="Restarts of a failed trial before it counts as failed.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepConfig:
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"lr_min ({self.lr_min}) is above lr_max ({self.lr_max}); swap them")
+        if any(r < 1 for r in self.ranks):
+            raise ValueError(f"ranks must be positive integers, got {self.ranks}")
+        if any(a <= 0 for a in self.alphas or []):
+            raise ValueError(f"alphas must be positive, got {self.alphas}")
+        if any(not 0 <= d < 1 for d in self.dropouts or []):
+            raise ValueError(f"dropouts must lie in [0, 1), got {self.dropouts}")
+        return self
 
 
 class ServeConfig(_Section):
@@ -182,6 +221,12 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _sweep_devices(self) -> Config:
+        if self.sweep.gpus_per_trial and not self.train.use_gpu:
+            raise ValueError("sweep.gpus_per_trial is set but train.use_gpu is false: set train.use_gpu: true")
+        return self
 
 
 class ConfigError(ValueError):

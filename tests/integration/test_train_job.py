@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import ENV, start, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = "[q_proj,k_proj,v_proj,dense,fc1,fc2]"
@@ -21,26 +22,6 @@ def _command(model_dir, storage, name, *extra):
         "train.max_seq_len=64", "train.lr=3e-3", "train.cpus_per_worker=1", "train.logging_steps=2",
         f"run.storage_path={storage}", f"run.name={name}", *extra,
     ]  # fmt: skip
-
-
-# Ray Train's controller collects reports when it polls the workers (every 2 s by default), and a worker
-# blocks on its next report until then. The tiny test model reports far more often than real runs, so
-# poll faster; a checkpoint a worker wrote within one poll of dying is not yet registered either way.
-ENV = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-
-
-def _start(command, log):
-    # A process group of its own, so that killing it takes its local Ray down with it.
-    return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -100,10 +81,10 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tiny_phi_dir, tmp_path)
         tiny_phi_dir, tmp_path, "flaky", "train.max_steps=300", "train.eval_every=10", "train.max_failures=1"
     )
     with open(tmp_path / "log.txt", "wb") as log:
-        proc = _start(command, log)
+        proc = start(command, log)
         try:
             # The controller registers a checkpoint shortly after the worker writes it: wait for a second one.
-            _wait_for(lambda: len(_checkpoints(tmp_path / "flaky")) >= 2, 300, "two checkpoints")
+            wait_for(lambda: len(_checkpoints(tmp_path / "flaky")) >= 2, 300, "two checkpoints")
             time.sleep(1)
             pids = _worker_pids()
             assert len(pids) == 1, pids
@@ -126,9 +107,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tiny_phi_dir, tmp_path)
 def test_rerunning_after_the_driver_died_resumes(tiny_phi_dir, tmp_path):
     command = _command(tiny_phi_dir, tmp_path, "resume", "train.max_steps=300", "train.eval_every=10")
     with open(tmp_path / "first.txt", "wb") as log:
-        proc = _start(command, log)
+        proc = start(command, log)
         try:
-            _wait_for(lambda: len(_checkpoints(tmp_path / "resume")) >= 2, 300, "two checkpoints")
+            wait_for(lambda: len(_checkpoints(tmp_path / "resume")) >= 2, 300, "two checkpoints")
             time.sleep(1)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -140,3 +121,27 @@ def test_rerunning_after_the_driver_died_resumes(tiny_phi_dir, tmp_path):
     line = next(li for li in output.splitlines() if "resuming from step" in li)
     assert int(line.split("resuming from step ")[1].split()[0]) >= reached > 0
     assert json.loads((tmp_path / "resume/adapter/metrics.json").read_text())["step"] in range(10, 301, 10)
+
+
+@pytest.mark.ray
+def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(tiny_phi_dir, tmp_path):
+    """Two real Ray nodes (two raylets on this machine): a local run.storage_path cannot be shared by them."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        env = {**ENV, "RAY_ADDRESS": cluster.address}
+        command = _command(tiny_phi_dir, tmp_path, "multi", "train.num_workers=2", "train.max_steps=2")
+        for _ in range(2):  # a freshly started two-raylet cluster on 2 busy cores can miss the first connection
+            proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            if "cannot reach the Ray cluster" not in proc.stderr:
+                break
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run.storage_path" in proc.stderr and "2 nodes" in proc.stderr and "s3://" in proc.stderr, proc.stderr[
+        -5000:
+    ]
+    assert not (tmp_path / "multi").exists()  # refused before anything was written

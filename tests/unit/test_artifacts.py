@@ -1,0 +1,313 @@
+"""The adapter registry on real files: plain-path and file:// registries, names, best pointers, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.artifacts import (
+    Entry,
+    Registry,
+    RegistryError,
+    base_key,
+    dataset_fingerprint,
+    main,
+    manifest_for,
+    validate_name,
+)
+from jobs.config import from_dict
+
+PHI2 = "microsoft/phi-2"
+
+
+def fake_adapter(root: Path, tag: str) -> Path:
+    """A small PEFT-shaped directory with a nested file, distinct per tag."""
+    directory = root / f"src-{tag}"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": PHI2, "r": 8}))
+    (directory / "adapter_model.safetensors").write_bytes(f"weights {tag}".encode() * 100)
+    (directory / "sub" / "tokenizer.json").write_text(f'{{"tag": "{tag}"}}')
+    return directory
+
+
+def manifest(val_loss: float, base: str = PHI2, **metrics: float) -> dict:
+    return {
+        "base_model": base,
+        "lora": {"r": 8, "alpha": 16.0},
+        "training": {"lr": 2e-4},
+        "metrics": {"val_loss": val_loss, **metrics},
+    }
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(params=["path", "file-uri"])
+def location(request, tmp_path) -> str:
+    root = tmp_path / "registry"
+    return str(root) if request.param == "path" else root.as_uri()
+
+
+def test_register_list_and_get(location, tmp_path):
+    registry = Registry(location)
+    assert registry.list() == [] and registry.best() is None
+    second = registry.register("b-adapter", fake_adapter(tmp_path, "b"), manifest(1.2))
+    first = registry.register("a-adapter", fake_adapter(tmp_path, "a"), manifest(1.5))
+    assert [e.name for e in registry.list()] == ["a-adapter", "b-adapter"]
+    assert registry.get("a-adapter") == first and isinstance(first, Entry)
+    assert first.manifest["name"] == "a-adapter" and first.manifest["created"].endswith("+00:00")
+    assert first.uri == f"{location}/adapters/a-adapter"
+    assert second.uri.startswith("file://") == location.startswith("file://")
+    stored = tmp_path / "registry" / "adapters" / "b-adapter"
+    assert files_of(stored) == files_of(tmp_path / "src-b") | {"manifest.json": (stored / "manifest.json").read_bytes()}
+    assert json.loads((stored / "manifest.json").read_text()) == second.manifest
+
+
+def test_listing_skips_staging_and_incomplete_directories(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    registry.register("good", fake_adapter(tmp_path, "g"), manifest(1.0))
+    adapters = tmp_path / "registry" / "adapters"
+    (adapters / ".staging-half-1234").mkdir()
+    (adapters / ".staging-half-1234" / "manifest.json").write_text("{}")
+    (adapters / "no-manifest").mkdir()
+    assert [e.name for e in registry.list()] == ["good"]
+
+
+def test_best_pointer_moves_only_on_improvement_min(location, tmp_path):
+    registry = Registry(location)
+    registry.register("first", fake_adapter(tmp_path, "1"), manifest(1.0))
+    assert registry.best(PHI2).name == "first"
+    registry.register("worse", fake_adapter(tmp_path, "2"), manifest(1.3))
+    registry.register("tie", fake_adapter(tmp_path, "3"), manifest(1.0))
+    assert registry.best(PHI2).name == "first"
+    registry.register("better", fake_adapter(tmp_path, "4"), manifest(0.7))
+    assert registry.best().name == "better"
+    pointer = json.loads((tmp_path / "registry" / "best" / "microsoft--phi-2.json").read_text())
+    assert pointer["name"] == "better" and pointer["value"] == 0.7
+    assert (pointer["metric"], pointer["mode"]) == ("val_loss", "min") and pointer["updated"].endswith("+00:00")
+
+
+def test_best_pointer_max_mode_and_per_base_model(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    other = "/models/tiny-llama"
+    registry.register("acc-1", fake_adapter(tmp_path, "1"), manifest(1.0, accuracy=0.6), metric="accuracy", mode="max")
+    registry.register("acc-2", fake_adapter(tmp_path, "2"), manifest(1.0, accuracy=0.5), metric="accuracy", mode="max")
+    assert registry.best(PHI2).name == "acc-1"
+    registry.register("acc-3", fake_adapter(tmp_path, "3"), manifest(1.0, accuracy=0.8), metric="accuracy", mode="max")
+    assert registry.best(PHI2).name == "acc-3"
+    registry.register("llama", fake_adapter(tmp_path, "4"), manifest(9.0, base=other))
+    assert registry.best(other).name == "llama" and registry.best(PHI2).name == "acc-3"
+    assert registry.best("never/registered") is None
+    with pytest.raises(RegistryError, match=r"2 base models.*choose one"):
+        registry.best()
+    with pytest.raises(RegistryError, match=r"ranks by accuracy \(max\)"):
+        registry.register("loss", fake_adapter(tmp_path, "5"), manifest(0.1))
+    registry.set_best("acc-2", metric="accuracy", mode="max")
+    assert registry.best(PHI2).name == "acc-2"
+
+
+def test_base_keys_are_path_safe_and_do_not_collide():
+    assert base_key(PHI2) == "microsoft--phi-2" and base_key("gpt2") == "gpt2"
+    first, second = base_key("/data/a/model"), base_key("/data/b/model")
+    assert first.startswith("model-") and second.startswith("model-") and first != second
+    assert base_key("/data/a/model/") == first
+    assert "/" not in base_key("builtin:smollm2-135m-instruct") and ":" not in base_key("builtin:x")
+
+
+def test_overwrite_refused_then_allowed(location, tmp_path):
+    registry = Registry(location)
+    registry.register("same", fake_adapter(tmp_path, "old"), manifest(1.0))
+    with pytest.raises(RegistryError, match=r"already exists.*overwrite=True"):
+        registry.register("same", fake_adapter(tmp_path, "new"), manifest(0.5))
+    assert registry.get("same").manifest["metrics"]["val_loss"] == 1.0
+    registry.register("same", tmp_path / "src-new", manifest(0.5), overwrite=True)
+    stored = tmp_path / "registry" / "adapters" / "same"
+    assert (stored / "adapter_model.safetensors").read_bytes() == (
+        tmp_path / "src-new/adapter_model.safetensors"
+    ).read_bytes()
+    assert registry.best().manifest["metrics"]["val_loss"] == 0.5
+    assert [p.name for p in (tmp_path / "registry" / "adapters").iterdir()] == ["same"]
+
+
+def test_overwriting_the_best_with_a_worse_result_reranks(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    registry.register("a", fake_adapter(tmp_path, "a"), manifest(0.5))
+    registry.register("b", fake_adapter(tmp_path, "b"), manifest(0.8))
+    registry.register("a", tmp_path / "src-a", manifest(0.9), overwrite=True)
+    assert registry.best(PHI2).name == "b"
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "x..y", "n" * 200, "a b", "-x"])
+def test_bad_names_are_refused_before_anything_is_written(tmp_path, bad):
+    source = fake_adapter(tmp_path, "s")
+    root = tmp_path / "registry"
+    registry = Registry(str(root))
+    with pytest.raises(RegistryError) as info:
+        registry.register(bad, source, manifest(1.0))
+    message = str(info.value)
+    assert repr(bad) in message and "letters, digits" in message and "no '..'" in message and "e.g." in message
+    assert not root.exists() and not (tmp_path / "x").exists()
+    for call in (registry.get, registry.set_best, lambda n: registry.local_dir(n, tmp_path / "cache")):
+        with pytest.raises(RegistryError, match="letters, digits"):
+            call(bad)
+    assert not root.exists() and not (tmp_path / "cache").exists()
+    with pytest.raises(RegistryError):
+        validate_name(bad)
+
+
+def test_a_symlink_out_of_the_registry_is_refused(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    registry.register("ok", fake_adapter(tmp_path, "ok"), manifest(1.0))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "registry" / "adapters" / "escape").symlink_to(outside)
+    with pytest.raises(RegistryError, match="outside the registry root"):
+        registry.get("escape")
+
+
+def test_unknown_name_lists_known_names(location, tmp_path):
+    registry = Registry(location)
+    with pytest.raises(RegistryError, match=r"is empty.*python -m jobs\.artifacts list"):
+        registry.get("missing")
+    registry.register("alpha", fake_adapter(tmp_path, "a"), manifest(1.0))
+    registry.register("beta", fake_adapter(tmp_path, "b"), manifest(1.0))
+    with pytest.raises(RegistryError, match=r"'missing'.*known: alpha, beta.*python -m jobs.artifacts list"):
+        registry.get("missing")
+
+
+def test_register_checks_its_inputs(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    with pytest.raises(RegistryError, match=r"adapter_config\.json"):
+        registry.register("x", tmp_path, manifest(1.0))
+    with pytest.raises(RegistryError, match="base_model"):
+        registry.register("x", fake_adapter(tmp_path, "x"), {"metrics": {}})
+    assert not (tmp_path / "registry").exists()
+
+
+def test_local_dir_is_the_entry_for_a_plain_path_registry(tmp_path):
+    registry = Registry(str(tmp_path / "registry"))
+    entry = registry.register("here", fake_adapter(tmp_path, "h"), manifest(1.0))
+    assert registry.local_dir("here", tmp_path / "cache") == entry.uri == str(tmp_path / "registry/adapters/here")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_local_dir_downloads_a_uri_registry_once(tmp_path):
+    registry = Registry((tmp_path / "registry").as_uri())
+    registry.register("remote", fake_adapter(tmp_path, "r"), manifest(1.0))
+    cache = tmp_path / "cache"
+    local = Path(registry.local_dir("remote", cache))
+    assert local == cache / "remote"
+    assert files_of(local) == files_of(tmp_path / "registry" / "adapters" / "remote")
+    marker = local / "sub" / "tokenizer.json"
+    marker.write_text("touched")  # a second call reuses the copy instead of fetching again
+    assert registry.local_dir("remote", cache) == str(local) and marker.read_text() == "touched"
+    registry.register("remote", fake_adapter(tmp_path, "r2"), manifest(0.5), overwrite=True)
+    assert files_of(Path(registry.local_dir("remote", cache))) == files_of(tmp_path / "registry/adapters/remote")
+    assert [p.name for p in cache.iterdir()] == ["remote"]
+
+
+def test_manifest_for_records_config_metrics_data_and_source():
+    cfg = from_dict(
+        {
+            "model": {"name_or_path": PHI2, "quantization": "nf4"},
+            "lora": {"r": 32, "alpha": 64, "dropout": 0.1, "target_modules": ["q_proj", "dense"]},
+            "data": {"path": "data/samples/faq.jsonl", "format": "prompt_completion"},
+            "train": {"lr": 1e-4, "epochs": 3, "batch_size": 4, "grad_accum": 4, "optimizer": "paged_adamw_8bit"},
+        }
+    )
+    source = {"kind": "sweep", "trial": "trial_0001", "path": "runs/sweep/trial_0001"}
+    rows = {"train": 90, "holdout": 10}
+    m = manifest_for(
+        cfg, {"val_loss": 1, "step": 12, "note": "x"}, data_fingerprint="sha256:ab", rows=rows, source=source
+    )
+    assert m["base_model"] == PHI2 and m["quantization"] == "nf4"
+    assert m["lora"] == {"r": 32, "alpha": 64.0, "dropout": 0.1, "target_modules": ["q_proj", "dense"]}
+    training = m["training"]
+    assert (training["lr"], training["epochs"], training["batch_size"], training["grad_accum"]) == (1e-4, 3, 4, 4)
+    assert {"max_steps", "max_seq_len", "optimizer", "lr_scheduler", "warmup_ratio", "seed"} <= set(training)
+    assert m["metrics"] == {"val_loss": 1.0, "step": 12.0} and isinstance(m["metrics"]["val_loss"], float)
+    assert m["dataset"] == {
+        "path": "data/samples/faq.jsonl",
+        "format": "prompt_completion",
+        "fingerprint": "sha256:ab",
+        "rows": rows,
+    }
+    assert m["source"] == source and m["created"].endswith("+00:00") and m["project_version"]
+    assert json.loads(json.dumps(m)) == m
+
+
+def test_dataset_fingerprint_follows_the_bytes(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    first = dataset_fingerprint(str(data))
+    assert first.startswith("sha256:") and dataset_fingerprint(str(data)) == first
+    data.write_text('{"prompt": "a", "completion": "c"}\n')
+    assert dataset_fingerprint(str(data)) != first
+    directory = tmp_path / "dataset"
+    directory.mkdir()
+    (directory / "part-0.parquet").write_bytes(b"one")
+    before = dataset_fingerprint(str(directory))
+    (directory / "part-0.parquet").write_bytes(b"two")
+    assert dataset_fingerprint(str(directory)) != before
+    assert dataset_fingerprint("org/some-hub-dataset") == "name:org/some-hub-dataset"
+
+
+def test_cli_lists_shows_and_finds_the_best(tmp_path, capsys):
+    location = str(tmp_path / "registry")
+    assert main(["list", "--registry", location]) == 0
+    assert f"(registry {location} is empty)" in capsys.readouterr().out
+    registry = Registry(location)
+    registry.register("phi-r8", fake_adapter(tmp_path, "1"), manifest(1.25))
+    registry.register("phi-r16", fake_adapter(tmp_path, "2"), manifest(0.75))
+    assert main(["list", "--registry", location]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "base", "model", "r", "alpha", "lr", "val_loss", "created"]
+    best_line = next(line for line in lines if "phi-r16" in line)
+    other_line = next(line for line in lines if "phi-r8" in line)
+    assert best_line.startswith("*") and "0.7500" in best_line and PHI2 in best_line and "0.0002" in best_line
+    assert not other_line.startswith("*") and "1.2500" in other_line
+    assert main(["show", "phi-r8", "--registry", location]) == 0
+    assert json.loads(capsys.readouterr().out) == registry.get("phi-r8").manifest
+    assert main(["best", "--base", PHI2, "--registry", location]) == 0
+    assert capsys.readouterr().out.splitlines() == ["phi-r16", registry.get("phi-r16").uri]
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
+    location = str(tmp_path / "registry")
+    Registry(location).register("known", fake_adapter(tmp_path, "k"), manifest(1.0))
+    assert main(["show", "nope", "--registry", location]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and "known" in captured.err and "Traceback" not in captured.err
+    assert main(["show", "../etc", "--registry", location]) == 1
+    assert "letters, digits" in capsys.readouterr().err
+    assert main(["best", "--registry", str(tmp_path / "empty")]) == 1
+    assert capsys.readouterr().err.startswith("error: no best adapter")
+    assert main(["list", "--registry", "nosuchscheme://x"]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot open registry")
+
+
+def test_cli_reads_the_registry_from_a_config(tmp_path, capsys):
+    location = str(tmp_path / "from-config")
+    Registry(location).register("cfg-entry", fake_adapter(tmp_path, "c"), manifest(1.0))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run:\n  registry: {location}\n")
+    assert main(["list", "--config", str(config)]) == 0
+    assert "cfg-entry" in capsys.readouterr().out
+    assert main(["list", "--config", str(tmp_path / "missing.yaml")]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_object_store_path_writes_in_place_with_the_manifest_last(tmp_path):
+    # Object stores cannot rename directories; run that branch on real local files to check it too.
+    registry = Registry((tmp_path / "registry").as_uri())
+    registry._renames = False
+    registry.register("direct", fake_adapter(tmp_path, "d"), manifest(1.0))
+    registry.register("direct", fake_adapter(tmp_path, "d2"), manifest(0.5), overwrite=True)
+    stored = tmp_path / "registry" / "adapters" / "direct"
+    assert files_of(stored) == files_of(tmp_path / "src-d2") | {
+        "manifest.json": (stored / "manifest.json").read_bytes()
+    }
+    assert [e.name for e in registry.list()] == ["direct"] and registry.best().manifest["metrics"]["val_loss"] == 0.5

@@ -1,0 +1,264 @@
+"""Ray Tune sweep over LoRA rank and learning rate: ``python -m tune.sweep --config PATH [key=value ...]``.
+
+Every trial is a run of the train job's own code: a Tune function trainable (the "driver function") builds
+the same Ray Train ``TorchTrainer`` as ``python -m jobs.train`` and relays each evaluation to Tune through
+``TuneReportCallback``, so ASHA stops trials on their intermediate holdout loss. Data is checked and
+tokenised once, in this driver, and shared with every trial through the object store.
+
+Layout under ``<run.storage_path>/<run.name>/``: Tune's results (one directory per trial with
+``progress.csv``, ``result.json`` and TensorBoard event files), ``train_runs/<trial id>/`` (each trial's
+Ray Train checkpoints), and ``report/`` (``trials.csv``, ``trials.json``, ``sweep.png``). The best trial's
+adapter is registered in ``run.registry`` under ``run.name``. Rerunning the same command after the driver
+died resumes the sweep: finished trials are kept, unfinished ones continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.tune
+
+from jobs.artifacts import Registry, RegistryError, dataset_fingerprint, manifest_for
+from jobs.config import Config, ConfigError, from_dict, load_config
+from jobs.train import (
+    TrainError,
+    build_trainer,
+    failure_summary,
+    prepare_run,
+    sample_prompt,
+    stage_adapter,
+    start_ray,
+    storage_path,
+    upload_dir,
+)
+from tune import report
+from tune.space import SweepError, describe, param_space, scheduler, searcher, trial_config
+
+log = logging.getLogger(__name__)
+
+TRAIN_RUNS = "train_runs"
+REPORT_DIR = "report"
+
+
+@dataclass
+class SweepOutcome:
+    records: list[report.TrialRecord]
+    best: report.TrialRecord
+    adapter: str  # the registered adapter's location
+    registry_name: str
+    report_dir: str  # trials.csv, trials.json, sweep.png
+    path: str  # the Tune experiment directory
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], train_rows: list, holdout_rows: list, storage: str,
+              resources: dict[str, float]) -> None:  # fmt: skip
+    """One trial (runs in a Tune actor): the train job's ``TorchTrainer`` with this trial's hyperparameters."""
+    import ray.train
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(from_dict(base, source="sweep"), params)
+    trainer = build_trainer(
+        cfg, train_rows, holdout_rows, f"{storage}/{cfg.run.name}/{TRAIN_RUNS}",
+        ray.tune.get_context().get_trial_id(), callbacks=[TuneReportCallback()], resources=resources,
+    )  # fmt: skip
+    try:
+        trainer.fit()  # same storage and name after a restart: Ray Train resumes from the latest checkpoint
+    except ray.train.TrainingFailedError as err:
+        raise SweepError(failure_summary(err)) from None
+
+
+def run_sweep(cfg: Config) -> SweepOutcome:
+    """Check the data once, run (or resume) the sweep, report it, and register the best adapter."""
+    # Checked as the largest rank: the memory estimate then holds for every trial. Each trial sets its own
+    # rank, alpha and lr on top of this config.
+    cfg, check = prepare_run(trial_config(cfg, {"r": max(cfg.sweep.ranks), "lr": cfg.sweep.lr_max}))
+    assert check.data is not None
+    # Ray Train frees the resources of a trial that ASHA stopped through the State API, which the dashboard
+    # serves: without it a local sweep waits forever for the CPUs of its first stopped trial.
+    ray = start_ray(dashboard=True)
+    storage = storage_path(cfg, ray)
+    resources, concurrency = trial_resources(cfg, ray.cluster_resources())
+    total = check.optimizer_steps
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(
+            run_trial, base=cfg.model_dump(), train_rows=check.data.train_rows,
+            holdout_rows=check.data.holdout_rows, storage=storage, resources=resources,
+        ),
+        {"CPU": 0.01},  # the driver function only waits on its trainer; Ray refuses a request of 0
+    )  # fmt: skip
+    path = f"{storage.rstrip('/')}/{cfg.run.name}"
+    if "://" not in path and not ray.tune.Tuner.can_restore(path) and any(Path(path).glob("*")):
+        raise SweepError(
+            f"{path} exists but holds no sweep (a train run with the same run.name?): give the sweep its own "
+            "run.name, e.g. run.name=" + cfg.run.name + "-sweep"
+        )
+    if ray.tune.Tuner.can_restore(path):
+        log.info("resuming the sweep at %s: finished trials are kept, unfinished ones continue", path)
+        tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, param_space=param_space(cfg))
+    else:
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=param_space(cfg),
+            tune_config=ray.tune.TuneConfig(
+                metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+                scheduler=scheduler(cfg, total), search_alg=searcher(cfg), max_concurrent_trials=concurrency,
+            ),
+            run_config=ray.tune.RunConfig(
+                name=cfg.run.name, storage_path=storage, verbose=0,
+                failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_retries),
+                callbacks=[Progress(cfg, total)],
+            ),
+        )  # fmt: skip
+    log.info(
+        "sweep %s: %s search, %d trial(s), up to %d at once, %d steps each%s; results in %s",
+        cfg.run.name, cfg.sweep.search, cfg.sweep.num_samples, concurrency, total,
+        ", ASHA early stopping" if cfg.sweep.early_stopping else "", path,
+    )  # fmt: skip
+    grid = tuner.fit()
+    records = [_record(result, cfg, total) for result in grid]
+    scored = [t for t in records if t.best is not None and t.checkpoint]
+    best = (min if cfg.sweep.mode == "min" else max)(scored, key=lambda t: t.best) if scored else None
+    records.sort(key=lambda t: (t.best is None, (t.best or 0) * (1 if cfg.sweep.mode == "min" else -1)))
+    with tempfile.TemporaryDirectory() as staging:
+        report.write(records, Path(staging), cfg.sweep.metric, best and best.trial_id)
+        upload_dir(Path(staging), f"{path}/{REPORT_DIR}")
+    print(report.table(records, cfg.sweep.metric, best and best.trial_id), flush=True)
+    if best is None:
+        raise SweepError(f"no trial produced a checkpoint; see the errors above and the trial logs under {path}")
+    location = register_best(cfg, best, check, storage, path)
+    return SweepOutcome(records, best, location, cfg.run.name, f"{path}/{REPORT_DIR}", path)
+
+
+def trial_resources(cfg: Config, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
+    """Resources of each Train worker of a trial, and how many trials run at once."""
+    workers = cfg.train.num_workers
+    cpus = cfg.sweep.cpus_per_trial or workers * cfg.train.cpus_per_worker
+    per_worker = {"CPU": cpus / workers}
+    fits = cluster.get("CPU", 0) / cpus
+    if cfg.train.use_gpu:
+        gpus = cfg.sweep.gpus_per_trial or workers
+        per_worker["GPU"] = gpus / workers
+        fits = min(fits, cluster.get("GPU", 0) / gpus)
+    fits = max(1, math.floor(fits + 1e-9))
+    return per_worker, cfg.sweep.max_concurrent_trials or fits
+
+
+def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
+    params = result.config or {}
+    trial = trial_config(cfg, params) if params else cfg
+    metrics = result.metrics or {}
+    frame = result.metrics_dataframe
+    history, best, checkpoint = [], None, None
+    metric = cfg.sweep.metric
+    if frame is not None and metric in frame:
+        rows = frame.dropna(subset=[metric])
+        history = [(int(s), float(v)) for s, v in zip(rows["step"], rows[metric], strict=True)]
+        if "checkpoint_path" in rows:
+            saved = rows.dropna(subset=["checkpoint_path"])
+            if len(saved):
+                pick = saved[metric].idxmin() if cfg.sweep.mode == "min" else saved[metric].idxmax()
+                best, checkpoint = float(saved.loc[pick, metric]), str(saved.loc[pick, "checkpoint_path"])
+    steps = history[-1][0] if history else 0
+    if result.error is not None:
+        status, error = "failed", failure_summary(result.error)
+    else:
+        status, error = ("finished" if steps >= total else "stopped early"), None
+    trial_id = str(metrics.get("trial_id") or Path(result.path).name)
+    return report.TrialRecord(
+        trial_id=trial_id, r=trial.lora.r, alpha=trial.lora.alpha, lr=trial.train.lr, dropout=trial.lora.dropout,
+        status=status, steps=steps, best=best, history=history, checkpoint=checkpoint, error=error,
+    )  # fmt: skip
+
+
+def register_best(cfg: Config, best: report.TrialRecord, check: Any, storage: str, path: str) -> str:
+    """Copy the best trial's best checkpoint into the registry with a manifest; returns its location."""
+    import pyarrow.fs
+    import ray.train
+
+    trial = trial_config(cfg, {"r": best.r, "alpha": best.alpha, "lr": best.lr, "dropout": best.dropout})
+    filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{Path(storage).resolve()}")
+    checkpoint = ray.train.Checkpoint(best.checkpoint, filesystem=filesystem)
+    metrics = {cfg.sweep.metric: best.best, "step": best.steps}
+    registry = Registry(cfg.run.registry)
+    name = cfg.run.name
+    home = registry.location_of(name)
+    manifest = manifest_for(
+        trial, metrics,
+        data_fingerprint=dataset_fingerprint(cfg.data.path),
+        rows={"train": len(check.data.train_rows), "holdout": len(check.data.holdout_rows)},
+        source={"kind": "sweep", "sweep": path, "trial": best.trial_id, "checkpoint": best.checkpoint},
+    )  # fmt: skip
+    existing = {e.name: e for e in registry.list()}
+    if name in existing and existing[name].manifest.get("source", {}).get("sweep") != path:
+        raise RegistryError(
+            f"the registry {cfg.run.registry} already holds an adapter named {name!r} from "
+            f"{existing[name].manifest.get('source', {}).get('sweep') or 'another run'}; "
+            "give this sweep another run.name (or remove that adapter)"
+        )
+    with tempfile.TemporaryDirectory() as staging:
+        adapter = stage_adapter(checkpoint, trial, metrics, sample_prompt(trial, check), staging, home)
+        entry = registry.register(
+            name, adapter, manifest, metric=cfg.sweep.metric, mode=cfg.sweep.mode, overwrite=name in existing
+        )
+    return entry.uri
+
+
+class Progress(ray.tune.Callback):
+    """One line per trial evaluation with the sweep's counts and the best so far."""
+
+    def __init__(self, cfg: Config, total: int):
+        self.cfg, self.total, self.best = cfg, total, None
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        cfg = self.cfg
+        metric, value = cfg.sweep.metric, result.get(cfg.sweep.metric)
+        if value is None:
+            return
+        better = self.best is None or (value < self.best[0] if cfg.sweep.mode == "min" else value > self.best[0])
+        if better:
+            self.best = (value, trial.trial_id)
+        counts = Counter(str(t.status).lower() for t in trials)
+        log.info(
+            "trial %s (%s) step %d/%d %s %.4f | running %d, pending %d, done %d, failed %d | best %.4f (%s)",
+            trial.trial_id, describe(trial.config, cfg), result.get("step", 0), self.total, metric, value,
+            counts["running"], counts["pending"], counts["terminated"], counts["error"], *self.best,
+        )  # fmt: skip
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        step = (trial.last_result or {}).get("step", 0)
+        log.info("trial %s %s at step %d/%d", trial.trial_id, "finished" if step >= self.total else "stopped early",
+                 step, self.total)  # fmt: skip
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log.warning("trial %s failed (the sweep goes on); its error is in %s", trial.trial_id, trial.path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.num_samples=4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        outcome = run_sweep(load_config(args.config, args.overrides))
+    except (ConfigError, TrainError, SweepError, RegistryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    best = outcome.best
+    print(f"\nbest trial {best.trial_id}: {best.label}, best {best.best:.4f} at step {best.steps}")
+    print(f"registered as {outcome.registry_name!r}: {outcome.adapter}  (python -m jobs.artifacts list)")
+    print(f"report: {outcome.report_dir}/trials.csv, trials.json, sweep.png")
+    print(f"TensorBoard: tensorboard --logdir {outcome.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
