@@ -199,6 +199,10 @@ class SweepConfig(_Section):
     def _consistent(self) -> SweepConfig:
         if self.lr_min > self.lr_max:
             raise ValueError(f"lr_min ({self.lr_min}) is above lr_max ({self.lr_max}); swap them")
+        if self.mode == "max":
+            raise ValueError(f"mode: max would rank trials by the highest {self.metric}, a loss; use mode: min")
+        if any(not 0 < lr < 1 for lr in self.lr_grid):
+            raise ValueError(f"lr_grid values must lie in (0, 1), got {self.lr_grid}")
         if any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be positive integers, got {self.ranks}")
         if any(a <= 0 for a in self.alphas or []):

@@ -53,6 +53,7 @@ WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: load the base on this worker's device, attach LoRA, train."""
+    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -62,6 +63,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     device = str(ray.train.torch.get_device()) if cfg.train.use_gpu else "cpu"
+    # Ray sets OMP_NUM_THREADS to the floor of the worker's CPUs (1.99 -> 1); round instead.
+    torch.set_num_threads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     seed_everything(cfg.train.seed)  # same LoRA initialisation on every rank
     tokenizer = load_tokenizer(cfg.model)
     model = attach_lora(load_model(cfg.model, device), cfg)
@@ -175,7 +178,7 @@ def build_trainer(
 
 
 def failure_summary(err: BaseException) -> str:
-    """One line per failed worker (its exception, not its traceback), or the error's first line."""
+    """One line per failed worker (its exception's message, not its traceback), or the error's message."""
     failures = getattr(err, "worker_failures", None)
     if failures:
         return "; ".join(f"rank {rank}: {_last_line(error)}" for rank, error in sorted(failures.items()))
@@ -220,7 +223,7 @@ def start_ray(dashboard: bool) -> Any:
     # (include_dashboard only applies to that local one).
     try:
         context = ray.init(log_to_driver=True, include_dashboard=dashboard)
-    except ConnectionError as err:
+    except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         reason = _last_line(err) + (f": {err.__cause__}" if err.__cause__ else "")
         raise TrainError(
             f"cannot reach the Ray cluster ({reason}). Check that it runs (ray status) and that "

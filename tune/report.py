@@ -24,6 +24,7 @@ class TrialRecord:
     history: list[tuple[int, float]] = field(default_factory=list)
     checkpoint: str | None = None  # the best checkpoint's path in run storage
     error: str | None = None
+    best_step: int = 0  # the step of that checkpoint
 
     @property
     def label(self) -> str:

@@ -15,6 +15,7 @@ died resumes the sweep: finished trials are kept, unfinished ones continue from 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import ray.tune
+import yaml
 
 from jobs.artifacts import Registry, RegistryError, dataset_fingerprint, manifest_for
 from jobs.config import Config, ConfigError, from_dict, load_config
+from jobs.loop import STATE_FILE
 from jobs.train import (
     TrainError,
     build_trainer,
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_RUNS = "train_runs"
 REPORT_DIR = "report"
+SWEEP_CONFIG = "qlora_ray_sweep.yaml"  # the config the sweep started with: a resume must match it
 
 
 @dataclass
@@ -56,6 +60,7 @@ class SweepOutcome:
     registry_name: str
     report_dir: str  # trials.csv, trials.json, sweep.png
     path: str  # the Tune experiment directory
+    metric: str
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], train_rows: list, holdout_rows: list, storage: str,
@@ -92,18 +97,22 @@ def run_sweep(cfg: Config) -> SweepOutcome:
             run_trial, base=cfg.model_dump(), train_rows=check.data.train_rows,
             holdout_rows=check.data.holdout_rows, storage=storage, resources=resources,
         ),
-        {"CPU": 0.01},  # the driver function only waits on its trainer; Ray refuses a request of 0
+        {"CPU": DRIVER_CPUS},
     )  # fmt: skip
     path = f"{storage.rstrip('/')}/{cfg.run.name}"
-    if "://" not in path and not ray.tune.Tuner.can_restore(path) and any(Path(path).glob("*")):
+    _registered(cfg, path)  # a name taken in the registry by another run: refused now, not after the sweep
+    leftovers = [p for p in Path(path).glob("*") if p.name != SWEEP_CONFIG] if "://" not in path else []
+    if leftovers and not ray.tune.Tuner.can_restore(path):
         raise SweepError(
             f"{path} exists but holds no sweep (a train run with the same run.name?): give the sweep its own "
             "run.name, e.g. run.name=" + cfg.run.name + "-sweep"
         )
     if ray.tune.Tuner.can_restore(path):
+        _check_same_sweep(path, cfg)
         log.info("resuming the sweep at %s: finished trials are kept, unfinished ones continue", path)
         tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, param_space=param_space(cfg))
     else:
+        _write_text(f"{path}/{SWEEP_CONFIG}", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         tuner = ray.tune.Tuner(
             trainable,
             param_space=param_space(cfg),
@@ -134,14 +143,55 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     if best is None:
         raise SweepError(f"no trial produced a checkpoint; see the errors above and the trial logs under {path}")
     location = register_best(cfg, best, check, storage, path)
-    return SweepOutcome(records, best, location, cfg.run.name, f"{path}/{REPORT_DIR}", path)
+    return SweepOutcome(records, best, location, cfg.run.name, f"{path}/{REPORT_DIR}", path, cfg.sweep.metric)
+
+
+DRIVER_CPUS = 0.01  # a trial's driver function only waits on its trainer; Ray refuses a request of 0
+
+
+def _filesystem(path: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{Path(path).resolve()}")
+
+
+def _write_text(path: str, text: str) -> None:
+    filesystem, inner = _filesystem(path)
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(inner) as out:
+        out.write(text.encode())
+
+
+def _check_same_sweep(path: str, cfg: Config) -> None:
+    """A resumed sweep must be the same sweep: its trials continue checkpoints trained with those settings."""
+    filesystem, inner = _filesystem(f"{path}/{SWEEP_CONFIG}")
+    try:
+        with filesystem.open_input_stream(inner) as stream:
+            saved = yaml.safe_load(stream.read())
+    except FileNotFoundError:
+        return
+    now = cfg.model_dump()
+    changed = [
+        f"{section}.{key}"
+        for section, values in now.items()
+        for key, value in values.items()
+        if saved.get(section, {}).get(key) != value
+    ]
+    if changed:
+        raise SweepError(
+            f"{path} holds a sweep run with other settings ({', '.join(changed)} differ): rerun it with the "
+            "same config to resume it, or give this one another run.name"
+        )
 
 
 def trial_resources(cfg: Config, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
-    """Resources of each Train worker of a trial, and how many trials run at once."""
+    """Resources of each Train worker of a trial, and how many trials run at once.
+
+    A trial's CPUs include its driver function's share, so that two 1-CPU trials do fit on 2 CPUs.
+    """
     workers = cfg.train.num_workers
     cpus = cfg.sweep.cpus_per_trial or workers * cfg.train.cpus_per_worker
-    per_worker = {"CPU": cpus / workers}
+    per_worker = {"CPU": (cpus - DRIVER_CPUS) / workers}
     fits = cluster.get("CPU", 0) / cpus
     if cfg.train.use_gpu:
         gpus = cfg.sweep.gpus_per_trial or workers
@@ -156,7 +206,7 @@ def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
     trial = trial_config(cfg, params) if params else cfg
     metrics = result.metrics or {}
     frame = result.metrics_dataframe
-    history, best, checkpoint = [], None, None
+    history, best, checkpoint, best_step = [], None, None, 0
     metric = cfg.sweep.metric
     if frame is not None and metric in frame:
         rows = frame.dropna(subset=[metric])
@@ -166,6 +216,7 @@ def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
             if len(saved):
                 pick = saved[metric].idxmin() if cfg.sweep.mode == "min" else saved[metric].idxmax()
                 best, checkpoint = float(saved.loc[pick, metric]), str(saved.loc[pick, "checkpoint_path"])
+                best_step = int(saved.loc[pick, "step"])
     steps = history[-1][0] if history else 0
     if result.error is not None:
         status, error = "failed", failure_summary(result.error)
@@ -175,6 +226,7 @@ def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
     return report.TrialRecord(
         trial_id=trial_id, r=trial.lora.r, alpha=trial.lora.alpha, lr=trial.train.lr, dropout=trial.lora.dropout,
         status=status, steps=steps, best=best, history=history, checkpoint=checkpoint, error=error,
+        best_step=best_step,
     )  # fmt: skip
 
 
@@ -186,7 +238,8 @@ def register_best(cfg: Config, best: report.TrialRecord, check: Any, storage: st
     trial = trial_config(cfg, {"r": best.r, "alpha": best.alpha, "lr": best.lr, "dropout": best.dropout})
     filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{Path(storage).resolve()}")
     checkpoint = ray.train.Checkpoint(best.checkpoint, filesystem=filesystem)
-    metrics = {cfg.sweep.metric: best.best, "step": best.steps}
+    with checkpoint.as_directory() as directory:  # the metrics reported with this very checkpoint
+        metrics = json.loads((Path(directory) / STATE_FILE).read_text())["metrics"]
     registry = Registry(cfg.run.registry)
     name = cfg.run.name
     home = registry.location_of(name)
@@ -196,19 +249,27 @@ def register_best(cfg: Config, best: report.TrialRecord, check: Any, storage: st
         rows={"train": len(check.data.train_rows), "holdout": len(check.data.holdout_rows)},
         source={"kind": "sweep", "sweep": path, "trial": best.trial_id, "checkpoint": best.checkpoint},
     )  # fmt: skip
-    existing = {e.name: e for e in registry.list()}
-    if name in existing and existing[name].manifest.get("source", {}).get("sweep") != path:
-        raise RegistryError(
-            f"the registry {cfg.run.registry} already holds an adapter named {name!r} from "
-            f"{existing[name].manifest.get('source', {}).get('sweep') or 'another run'}; "
-            "give this sweep another run.name (or remove that adapter)"
-        )
     with tempfile.TemporaryDirectory() as staging:
         adapter = stage_adapter(checkpoint, trial, metrics, sample_prompt(trial, check), staging, home)
         entry = registry.register(
-            name, adapter, manifest, metric=cfg.sweep.metric, mode=cfg.sweep.mode, overwrite=name in existing
+            name, adapter, manifest, metric=cfg.sweep.metric, mode=cfg.sweep.mode, overwrite=_registered(cfg, path)
         )
     return entry.uri
+
+
+def _registered(cfg: Config, path: str) -> bool:
+    """Whether this sweep registered its adapter before (a rerun replaces it); refuses another run's name."""
+    registry = Registry(cfg.run.registry)
+    existing = {e.name: e for e in registry.list()}.get(cfg.run.name)
+    if existing is None:
+        return False
+    source = existing.manifest.get("source", {}).get("sweep")
+    if source != path:
+        raise RegistryError(
+            f"the registry {cfg.run.registry} already holds an adapter named {cfg.run.name!r} from "
+            f"{source or 'another run'}; give this sweep another run.name (or remove that adapter)"
+        )
+    return True
 
 
 class Progress(ray.tune.Callback):
@@ -253,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     best = outcome.best
-    print(f"\nbest trial {best.trial_id}: {best.label}, best {best.best:.4f} at step {best.steps}")
+    print(f"\nbest trial {best.trial_id}: {best.label}, {outcome.metric} {best.best:.4f} at step {best.best_step}")
     print(f"registered as {outcome.registry_name!r}: {outcome.adapter}  (python -m jobs.artifacts list)")
     print(f"report: {outcome.report_dir}/trials.csv, trials.json, sweep.png")
     print(f"TensorBoard: tensorboard --logdir {outcome.path}")

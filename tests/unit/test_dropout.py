@@ -75,3 +75,8 @@ def test_swapped_into_every_lora_layer_on_cpu_only(tiny_phi_dir):
     b = model(input_ids=ids).logits
     model.eval()
     assert not torch.equal(a, b) and torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_empty_and_zero_probability_drop_nothing():
+    assert dropped_positions(0, 0.5).numel() == 0 and dropped_positions(10, 0.0).numel() == 0
+    assert SkipDropout(0.3)(torch.empty(0, 4)).shape == (0, 4)

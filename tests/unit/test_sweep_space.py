@@ -41,18 +41,19 @@ def test_a_trial_config_applies_rank_lr_and_the_alpha_rule():
 @pytest.mark.parametrize(
     ("overrides", "cluster", "per_worker", "concurrent"),
     [
-        ({"train": {"cpus_per_worker": 2}}, {"CPU": 2}, {"CPU": 2}, 1),
-        ({"sweep": {"cpus_per_trial": 1}}, {"CPU": 2}, {"CPU": 1}, 2),
-        ({"sweep": {"cpus_per_trial": 1, "max_concurrent_trials": 1}}, {"CPU": 8}, {"CPU": 1}, 1),
+        ({"train": {"cpus_per_worker": 2}}, {"CPU": 2}, {"CPU": 1.99}, 1),
+        ({"sweep": {"cpus_per_trial": 1}}, {"CPU": 2}, {"CPU": 0.99}, 2),  # driver + worker = 1 CPU: two fit
+        ({"sweep": {"cpus_per_trial": 1, "max_concurrent_trials": 1}}, {"CPU": 8}, {"CPU": 0.99}, 1),
         ({"train": {"use_gpu": True, "cpus_per_worker": 1}, "sweep": {"gpus_per_trial": 0.5}},
-         {"CPU": 16, "GPU": 1}, {"CPU": 1, "GPU": 0.5}, 2),
+         {"CPU": 16, "GPU": 1}, {"CPU": 0.99, "GPU": 0.5}, 2),
         ({"train": {"use_gpu": True, "num_workers": 2}, "sweep": {"cpus_per_trial": 4}},
-         {"CPU": 16, "GPU": 4}, {"CPU": 2, "GPU": 1}, 2),
+         {"CPU": 16, "GPU": 4}, {"CPU": 1.995, "GPU": 1}, 2),
     ],
 )  # fmt: skip
 def test_trial_resources_and_how_many_trials_fit(overrides, cluster, per_worker, concurrent):
     raw = {"data": {"path": "unused.jsonl"}, **overrides}
-    assert trial_resources(from_dict(raw), cluster) == (per_worker, concurrent)
+    resources, fits = trial_resources(from_dict(raw), cluster)
+    assert resources == pytest.approx(per_worker) and fits == concurrent
 
 
 def test_fractional_gpus_need_train_use_gpu():
