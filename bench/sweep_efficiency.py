@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.variants import run_variant  # noqa: E402
 
 RANKS, LRS = [8, 16, 32, 64], [1e-4, 5e-4]
 
@@ -105,13 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {}
     for variant in ("asha", "grid"):
-        proc = subprocess.run([sys.executable, __file__, "--variant", variant, *args.overrides],
-                              capture_output=True, text=True, cwd=REPO)  # fmt: skip
-        line = next((li for li in proc.stdout.splitlines() if li.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        result = run_variant(__file__, ["--variant", variant, *args.overrides])
+        if result is None:
             return 1
-        results[variant] = json.loads(line.removeprefix("RESULT "))
+        results[variant] = result
         print(f"{variant}: {results[variant]}", flush=True)
     a, b = results["asha"], results["grid"]
     print("\n| | wall-clock | trial-steps | best configuration | best holdout loss |")

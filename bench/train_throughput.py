@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.variants import run_variant  # noqa: E402
 
 BATCH, ACCUM, LR, MAX_NORM, SEED_PAD = 4, 4, 2e-4, 0.3, 512
 
@@ -203,14 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {}
     for variant in VARIANTS:
-        command = [sys.executable, __file__, "--variant", variant, "--data", args.data, "--steps", str(args.steps),
-                   "--seed-steps", str(args.seed_steps)]  # fmt: skip
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-        line = next((li for li in proc.stdout.splitlines() if li.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        result = run_variant(__file__, ["--variant", variant, "--data", args.data, "--steps", str(args.steps),
+                                        "--seed-steps", str(args.seed_steps)])  # fmt: skip
+        if result is None:
             return 1
-        results[variant] = json.loads(line.removeprefix("RESULT "))
+        results[variant] = result
         print(f"{variant}: {results[variant]}", flush=True)
     tokens = epoch_tokens(args.data)
     print(

@@ -243,6 +243,17 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in config {source}:\n{lines}")
 
 
+def config_from_cli(prog: str, description: str, argv: list[str] | None, example: str) -> Config:
+    """The command line every job shares: ``--config PATH`` plus dotted overrides. Raises ConfigError."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply ``key.path=value`` overrides and validate.
 

@@ -8,7 +8,6 @@ Nothing here loads model weights: the architecture is built on the meta device.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from data.tokenize import (
     tag_counts,
     useful_fraction,
 )
-from jobs.config import Config, ConfigError, load_config
+from jobs.config import Config, ConfigError, config_from_cli
 from jobs.loop import steps_per_epoch, total_steps
 from jobs.model import (
     ModelError,
@@ -215,12 +214,8 @@ def _available_memory(cfg: Config) -> tuple[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.preflight", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
-    args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = config_from_cli("python -m jobs.preflight", __doc__.split("\n")[0], argv, "train.lr=1e-4")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

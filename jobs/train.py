@@ -11,7 +11,6 @@ The result is a plain PEFT adapter directory at ``<run.storage_path>/<run.name>/
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -26,7 +25,7 @@ from typing import Any
 import yaml
 
 from data.templates import build_prompt
-from jobs.config import Config, ConfigError, from_dict, load_config
+from jobs.config import Config, ConfigError, config_from_cli, from_dict
 from jobs.loop import ADAPTER_DIR, Dist, seed_everything, train
 from jobs.model import attach_lora, load_model, load_tokenizer
 from jobs.preflight import PreflightResult, run_preflight
@@ -284,13 +283,9 @@ def upload_dir(source: Path, destination: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        outcome = run_train(load_config(args.config, args.overrides))
+        outcome = run_train(config_from_cli("python -m jobs.train", __doc__.split("\n")[0], argv, "train.lr=1e-4"))
     except (ConfigError, TrainError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

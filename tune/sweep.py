@@ -14,7 +14,6 @@ died resumes the sweep: finished trials are kept, unfinished ones continue from 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ import ray.tune
 import yaml
 
 from jobs.artifacts import Registry, RegistryError, dataset_fingerprint, manifest_for
-from jobs.config import Config, ConfigError, from_dict, load_config
+from jobs.config import Config, ConfigError, config_from_cli, from_dict
 from jobs.loop import STATE_FILE
 from jobs.train import (
     TrainError,
@@ -303,13 +302,10 @@ class Progress(ray.tune.Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.num_samples=4")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        outcome = run_sweep(load_config(args.config, args.overrides))
+        cfg = config_from_cli("python -m tune.sweep", __doc__.split("\n")[0], argv, "sweep.num_samples=4")
+        outcome = run_sweep(cfg)
     except (ConfigError, TrainError, SweepError, RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

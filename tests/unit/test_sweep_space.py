@@ -96,3 +96,20 @@ def test_report_table_files_and_plot(tmp_path):
     saved = json.loads(files["json"].read_text())
     assert saved["best_trial"] == "t1" and saved["trials"][0]["history"] == [[10, 3.9], [20, 3.5]]
     assert files["png"].read_bytes()[:4] == b"\x89PNG" and files["png"].stat().st_size > 10_000
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path):
+    import yaml
+
+    from tune.sweep import SWEEP_CONFIG, _check_same_sweep
+
+    cfg = _cfg(ranks=[4, 8])
+    (tmp_path / SWEEP_CONFIG).write_text(yaml.safe_dump(cfg.model_dump()))
+    _check_same_sweep(str(tmp_path), cfg)  # the same settings resume
+    with pytest.raises(SweepError, match=r"train\.max_steps, sweep\.ranks differ"):
+        _check_same_sweep(
+            str(tmp_path),
+            from_dict(
+                {**cfg.model_dump(), "sweep": {"ranks": [8]}, "train": {**cfg.model_dump()["train"], "max_steps": 3}}
+            ),
+        )
