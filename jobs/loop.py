@@ -41,7 +41,7 @@ Report = Callable[[dict[str, float], "str | None"], None]
 
 
 class DivergedError(RuntimeError):
-    """The loss became NaN or infinite: more steps cannot recover, so the run stops with the fix."""
+    """The loss or the gradient norm became NaN or infinite: more steps cannot recover; stop with the fix."""
 
 
 @dataclass
