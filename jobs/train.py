@@ -271,11 +271,18 @@ def stage_adapter(checkpoint: Any, cfg: Config, metrics: dict[str, Any], prompt:
     return out
 
 
+def filesystem_of(location: str) -> tuple[Any, str]:
+    """The pyarrow filesystem and inner path of a local path or a URI (s3://, gs://, file://)."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(location if "://" in location else f"file://{Path(location).resolve()}")
+
+
 def upload_dir(source: Path, destination: str) -> None:
     """Copy a local directory to a local path or a pyarrow filesystem URI (s3://, gs://, file://)."""
     import pyarrow.fs
 
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(destination if "://" in destination else f"file://{destination}")
+    filesystem, path = filesystem_of(destination)
     filesystem.create_dir(path, recursive=True)
     pyarrow.fs.copy_files(
         str(source), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=filesystem

@@ -34,6 +34,7 @@ from jobs.train import (
     TrainError,
     build_trainer,
     failure_summary,
+    filesystem_of,
     prepare_run,
     sample_prompt,
     stage_adapter,
@@ -101,12 +102,13 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     path = f"{storage.rstrip('/')}/{cfg.run.name}"
     _registered(cfg, path)  # a name taken in the registry by another run: refused now, not after the sweep
     leftovers = [p for p in Path(path).glob("*") if p.name != SWEEP_CONFIG] if "://" not in path else []
-    if leftovers and not ray.tune.Tuner.can_restore(path):
+    resuming = ray.tune.Tuner.can_restore(path)
+    if leftovers and not resuming:
         raise SweepError(
             f"{path} exists but holds no sweep (a train run with the same run.name?): give the sweep its own "
             "run.name, e.g. run.name=" + cfg.run.name + "-sweep"
         )
-    if ray.tune.Tuner.can_restore(path):
+    if resuming:
         _check_same_sweep(path, cfg)
         log.info("resuming the sweep at %s: finished trials are kept, unfinished ones continue", path)
         tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, param_space=param_space(cfg))
@@ -148,14 +150,8 @@ def run_sweep(cfg: Config) -> SweepOutcome:
 DRIVER_CPUS = 0.01  # a trial's driver function only waits on its trainer; Ray refuses a request of 0
 
 
-def _filesystem(path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(path if "://" in path else f"file://{Path(path).resolve()}")
-
-
 def _write_text(path: str, text: str) -> None:
-    filesystem, inner = _filesystem(path)
+    filesystem, inner = filesystem_of(path)
     filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(inner) as out:
         out.write(text.encode())
@@ -163,7 +159,7 @@ def _write_text(path: str, text: str) -> None:
 
 def _check_same_sweep(path: str, cfg: Config) -> None:
     """A resumed sweep must be the same sweep: its trials continue checkpoints trained with those settings."""
-    filesystem, inner = _filesystem(f"{path}/{SWEEP_CONFIG}")
+    filesystem, inner = filesystem_of(f"{path}/{SWEEP_CONFIG}")
     try:
         with filesystem.open_input_stream(inner) as stream:
             saved = yaml.safe_load(stream.read())
@@ -231,11 +227,10 @@ def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
 
 def register_best(cfg: Config, best: report.TrialRecord, check: Any, storage: str, path: str) -> str:
     """Copy the best trial's best checkpoint into the registry with a manifest; returns its location."""
-    import pyarrow.fs
     import ray.train
 
     trial = trial_config(cfg, {"r": best.r, "alpha": best.alpha, "lr": best.lr, "dropout": best.dropout})
-    filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{Path(storage).resolve()}")
+    filesystem, _ = filesystem_of(storage)
     checkpoint = ray.train.Checkpoint(best.checkpoint, filesystem=filesystem)
     with checkpoint.as_directory() as directory:  # the metrics reported with this very checkpoint
         metrics = json.loads((Path(directory) / STATE_FILE).read_text())["metrics"]
