@@ -49,7 +49,7 @@ def run_asha(extra: list[str]) -> dict:
 
     with tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
-        outcome = run_sweep(_config(storage, ["sweep.grace_period=8", "sweep.reduction_factor=4",
+        outcome = run_sweep(_config(storage, ["sweep.grace_period=4", "sweep.reduction_factor=3",
                                               "sweep.cpus_per_trial=1", *extra]))  # fmt: skip
         seconds = time.perf_counter() - start
     return {

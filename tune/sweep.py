@@ -43,7 +43,7 @@ from jobs.train import (
     upload_dir,
 )
 from tune import report
-from tune.space import SweepError, describe, param_space, scheduler, searcher, trial_config
+from tune.space import SweepError, describe, param_space, scheduler, searcher, trial_config, trial_count
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ def run_sweep(cfg: Config) -> SweepOutcome:
             trainable,
             param_space=param_space(cfg),
             tune_config=ray.tune.TuneConfig(
-                metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-                scheduler=scheduler(cfg, total), search_alg=searcher(cfg), max_concurrent_trials=concurrency,
+                metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=trial_count(cfg),
+                scheduler=scheduler(cfg, total), search_alg=searcher(cfg, concurrency),
             ),
             run_config=ray.tune.RunConfig(
                 name=cfg.run.name, storage_path=storage, verbose=0,
@@ -129,7 +129,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
         )  # fmt: skip
     log.info(
         "sweep %s: %s search, %d trial(s), up to %d at once, %d steps each%s; results in %s",
-        cfg.run.name, cfg.sweep.search, cfg.sweep.num_samples, concurrency, total,
+        cfg.run.name, cfg.sweep.search, trial_count(cfg), concurrency, total,
         ", ASHA early stopping" if cfg.sweep.early_stopping else "", path,
     )  # fmt: skip
     grid = tuner.fit()

@@ -7,7 +7,7 @@ import pytest
 
 from jobs.config import ConfigError, from_dict
 from tune import report
-from tune.space import SweepError, param_space, scheduler, searcher, trial_config
+from tune.space import SweepError, grid_points, param_space, scheduler, searcher, trial_config, trial_count
 from tune.sweep import trial_resources
 
 
@@ -24,10 +24,21 @@ def test_random_search_draws_ranks_and_a_log_uniform_lr():
     assert "alpha" not in space and "dropout" not in space  # alpha follows the rule unless searched
 
 
-def test_grid_search_crosses_ranks_lrs_and_searched_alphas():
-    space = param_space(_cfg(search="grid", ranks=[4, 8], lr_grid=[1e-4, 3e-4], alphas=[8, 16], dropouts=[0.0]))
-    assert space["r"] == {"grid_search": [4, 8]} and space["lr"] == {"grid_search": [1e-4, 3e-4]}
-    assert space["alpha"] == {"grid_search": [8, 16]} and space["dropout"] == {"grid_search": [0.0]}
+def test_grid_search_runs_every_point_in_a_seeded_shuffled_order():
+    cfg = _cfg(search="grid", ranks=[4, 8, 16, 32], lr_grid=[1e-4, 3e-4], alphas=[8, 16], num_samples=2)
+    points = grid_points(cfg)
+    every = [{"r": r, "lr": lr, "alpha": a} for r in [4, 8, 16, 32] for lr in [1e-4, 3e-4] for a in [8, 16]]
+    key = lambda p: (p["r"], p["lr"], p["alpha"])  # noqa: E731
+    assert trial_count(cfg) == len(points) == 32
+    assert sorted(points[:16], key=key) == every and sorted(points[16:], key=key) == every  # each round whole
+    assert points[:16] != every and points[:16] != points[16:]  # not in written order, rounds differ
+    assert grid_points(cfg) == points  # seeded by train.seed: a rerun (or resume) sees the same order
+    assert searcher(cfg, 2).max_concurrent == 2
+    space = param_space(cfg)
+    assert space["r"].categories == [4, 8, 16, 32] and space["lr"].categories == [1e-4, 3e-4]
+    assert trial_count(_cfg(num_samples=5)) == 5 and grid_points(_cfg(ranks=[8], lr_grid=[1e-4], num_samples=1)) == [
+        {"r": 8, "lr": 1e-4}
+    ]
 
 
 def test_a_trial_config_applies_rank_lr_and_the_alpha_rule():
@@ -74,10 +85,10 @@ def test_asha_starts_at_the_first_evaluation_and_can_be_turned_off():
 def test_optuna_is_optional_with_a_clear_message():
     if importlib.util.find_spec("optuna") is None:
         with pytest.raises(SweepError, match=r"pip install 'qlora-ray\[optuna\]'"):
-            searcher(_cfg(search="optuna"))
+            searcher(_cfg(search="optuna"), 2)
     else:
-        assert type(searcher(_cfg(search="optuna"))).__name__ == "OptunaSearch"
-    assert searcher(_cfg()) is None
+        assert type(searcher(_cfg(search="optuna"), 2)).__name__ == "ConcurrencyLimiter"
+    assert type(searcher(_cfg(), 2)).__name__ == "BasicVariantGenerator"
 
 
 def test_report_table_files_and_plot(tmp_path):
