@@ -36,3 +36,21 @@ def build_prompt(example: dict[str, Any], template: str, tokenizer: Any = None) 
             )
         return tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
     raise ValueError(f"unknown example format {fmt!r}")
+
+
+def example_from_messages(messages: list[dict[str, str]], fmt: str) -> dict[str, Any]:
+    """A chat request's messages as the normalised example of a model trained on ``fmt`` rows.
+
+    ``chat`` keeps the conversation for the chat template. The other formats are single-turn: the last user
+    message is the prompt (``prompt_completion``) or the question (``context_qa``, ``alpaca``), and the system
+    messages, if any, are the context.
+    """
+    if fmt == "chat":
+        return {"format": "chat", "messages": messages}
+    user = [m["content"] for m in messages if m["role"] == "user"]
+    if not user:
+        raise ValueError("messages: there is no user message to answer; add one with role 'user'")
+    context = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    if fmt in ("context_qa", "alpaca"):
+        return {"format": fmt, "question": user[-1], "context": context}
+    return {"format": "prompt_completion", "prompt": user[-1]}

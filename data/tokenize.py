@@ -78,7 +78,7 @@ def tokenize_example(
     """Tokenise one example. Returns ``(row or None, outcome)``, outcome in ok | truncated | skipped."""
     completion = [*_encode(tokenizer, example["completion"], special=False), tokenizer.eos_token_id]
     prompt_text = build_prompt(example, settings.template, tokenizer)
-    prompt = _encode_prompt(tokenizer, prompt_text)
+    prompt = encode_prompt(tokenizer, prompt_text)
     budget = settings.max_seq_len - len(completion)
     outcome = "ok"
     if len(prompt) > budget:
@@ -101,7 +101,8 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def _encode_prompt(tokenizer: Any, text: str) -> list[int]:
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt as training saw it (serving and evaluation encode prompts here too)."""
     # A chat template already writes BOS into the text; do not add a second one.
     bos = tokenizer.bos_token
     return _encode(tokenizer, text, special=not (bos and text.startswith(bos)))
@@ -121,7 +122,7 @@ def _truncate_prompt(
         context = _context_window(example, tokenizer, overflow)
         if context is None:
             return None
-        shortened = _encode_prompt(tokenizer, build_prompt({**example, "context": context}, settings.template))
+        shortened = encode_prompt(tokenizer, build_prompt({**example, "context": context}, settings.template))
         if len(shortened) <= budget:
             return shortened
         overflow += len(shortened) - budget

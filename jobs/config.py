@@ -212,9 +212,59 @@ class SweepConfig(_Section):
         return self
 
 
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest generator replicas kept running.")
+    max_replicas: int = Field(2, ge=1, description="Most generator replicas Serve may start under load.")
+    target_ongoing_requests: float = Field(
+        8, gt=0, description="Requests in flight per replica that Serve aims for; more adds a replica."
+    )
+    upscale_delay_s: float = Field(5, ge=0, description="How long load must stay high before a replica is added.")
+    downscale_delay_s: float = Field(60, ge=0, description="How long load must stay low before a replica goes.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}): raise max_replicas"
+            )
+        return self
+
+
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
+    default_adapter: str | None = Field(
+        None, description="Adapter for requests that name none; unset: the registry's best for model.name_or_path."
+    )
+    max_adapters_per_replica: int = Field(
+        4, ge=1, description="Adapters a replica keeps loaded (the least recently used go first)."
+    )
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt accepted, in tokens; longer is a 400.")
+    max_new_tokens: int = Field(512, ge=1, description="Largest max_tokens a request may ask for; more is a 400.")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens of a request that gives none.")
+    max_batch_size: int = Field(16, ge=1, description="Requests generated together in one batch on a replica.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long a replica waits for a batch to fill before it starts generating."
+    )
+    max_ongoing_requests: int = Field(32, ge=1, description="Requests one generator replica works on at once.")
+    max_queued_requests: int = Field(
+        64, ge=0, description="Requests waiting for a replica; beyond this the server answers 503 with Retry-After."
+    )
+    request_timeout_s: float = Field(120, gt=0, description="Longest time a request may take; beyond it a 504.")
+    cpus_per_replica: float = Field(1, gt=0, description="CPUs of a generator replica (its torch threads, rounded).")
+    gpus_per_replica: float = Field(
+        0, ge=0, le=1, description="GPUs of a generator replica; above 0 the base loads in NF4 on the GPU."
+    )
+    num_replicas: int = Field(1, ge=1, description="Generator replicas when autoscaling is not set.")
+    autoscaling: AutoscalingConfig | None = Field(
+        None, description="Autoscale the generator replicas (min/max replicas, target ongoing requests, delays)."
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File of API keys, one per line; then every route but /healthz needs 'Authorization: Bearer "
+        "<key>'. The QLORA_RAY_API_KEYS variable (comma-separated) adds keys.",
+    )
+    log_prompts: bool = Field(False, description="Log prompts and answers (off: only sizes and timings are logged).")
 
 
 class Config(_Section):
@@ -241,6 +291,18 @@ class ConfigError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s) in config {source}:\n{lines}")
+
+
+def pin_local_paths(cfg: Config) -> Config:
+    """The config with its local paths made absolute: Ray workers do not share the driver's working directory."""
+    raw = cfg.model_dump()
+    if Path(cfg.model.name_or_path).is_dir():
+        raw["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
+    for section, key in (("run", "storage_path"), ("run", "registry"), ("serve", "api_keys_file")):
+        value = raw[section][key]
+        if value and "://" not in value:
+            raw[section][key] = str(Path(value).expanduser().resolve())
+    return from_dict(raw)
 
 
 def config_from_cli(prog: str, description: str, argv: list[str] | None, example: str) -> Config:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from data.templates import build_prompt
-from jobs.config import Config, ConfigError, config_from_cli, from_dict
+from jobs.config import Config, ConfigError, config_from_cli, from_dict, pin_local_paths
 from jobs.loop import ADAPTER_DIR, Dist, seed_everything, train
 from jobs.model import attach_lora, load_model, load_tokenizer
 from jobs.preflight import PreflightResult, run_preflight
@@ -115,7 +115,7 @@ def run_train(cfg: Config) -> TrainOutcome:
 
 def prepare_run(cfg: Config) -> tuple[Config, PreflightResult]:
     """Resolve local paths and run the preflight (data, targets, memory); raise with every problem found."""
-    cfg = _absolute_local_paths(cfg)
+    cfg = pin_local_paths(cfg)
     check = run_preflight(cfg)
     for line in check.lines:
         log.info("%s", line)
@@ -124,6 +124,10 @@ def prepare_run(cfg: Config) -> tuple[Config, PreflightResult]:
     assert check.data is not None
     if not check.data.holdout_rows:
         raise TrainError("no holdout rows to evaluate on: set data.holdout_fraction > 0 (e.g. 0.1)")
+    if cfg.data.format == "auto":  # saved with the adapter: Serve and evaluation build prompts by this format
+        cfg = cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"format": check.data.holdout_examples[0]["format"]})}
+        )
     return cfg, check
 
 
@@ -200,16 +204,6 @@ def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
         raise TrainError(f"the run at {result.path} produced no checkpoint")
     metrics = next((m for c, m in result.best_checkpoints or [] if c.path == best.path), result.metrics)
     return best, metrics
-
-
-def _absolute_local_paths(cfg: Config) -> Config:
-    """Workers do not share the driver's working directory: pin local paths before shipping the config."""
-    raw = cfg.model_dump()
-    if Path(cfg.model.name_or_path).is_dir():
-        raw["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
-    if "://" not in cfg.run.storage_path:
-        raw["run"]["storage_path"] = str(Path(cfg.run.storage_path).resolve())
-    return from_dict(raw)
 
 
 def start_ray(dashboard: bool) -> Any:
