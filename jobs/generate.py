@@ -13,8 +13,10 @@ Serve answers: same base model load, same adapters, same sampling.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,7 @@ class AdapterSet:
 
         directory = Path(directory)
         check_adapter_dir(directory)
+        self._unmerge()
         if self.peft is None:
             self.peft = PeftModel.from_pretrained(self.base, str(directory), adapter_name=name, is_trainable=False)
         else:
@@ -75,6 +78,7 @@ class AdapterSet:
         """Free the adapter's weights; the last one stays registered (PEFT needs one) but is never used."""
         if name not in self.names:
             return
+        self._unmerge()
         self.names.discard(name)
         if self.names:  # PEFT refuses to delete its only adapter; a later load replaces it
             self.peft.delete_adapter(name)
@@ -82,6 +86,10 @@ class AdapterSet:
             self.peft = self.peft.unload()  # back to the plain base model, LoRA layers removed
             self.base = self.peft
             self.peft = None
+
+    def _unmerge(self) -> None:
+        if self.peft is not None and merged_adapters(self.peft):
+            self.peft.unmerge_adapter()
 
 
 def check_adapter_dir(directory: Path) -> None:
@@ -245,15 +253,9 @@ class DecodeBatch:
                  names: list[str] | None) -> torch.Tensor:  # fmt: skip
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions[:, -ids.shape[1] :],
                   "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}  # fmt: skip
-        distinct = set(names) if names is not None else set()
-        if len(distinct) > 1:  # PEFT's mixed-adapter path: each adapter on its own rows
-            return self.model(**kwargs, adapter_names=names).logits[:, -1, :].float()
-        if distinct == {BASE}:
-            with self.model.disable_adapter():
-                return self.model(**kwargs).logits[:, -1, :].float()
-        if distinct and self.model.active_adapter != names[0]:  # one adapter for every row: the plain path
-            self.model.set_adapter(names[0])
-        return self.model(**kwargs).logits[:, -1, :].float()
+        extra, context = route_adapters(self.model, names)
+        with context:
+            return self.model(**kwargs, **extra).logits[:, -1, :].float()
 
     def _merge(self, cache: Any, mask: torch.Tensor) -> None:
         """Append the new rows' cache and mask to the batch's, left-padding the shorter side."""
@@ -275,6 +277,45 @@ class DecodeBatch:
             chunks[self.keys[i]] = self.rows[i].add(token, self.tokenizer)
         self.drop({key for key, chunk in chunks.items() if chunk.finish_reason is not None})
         return chunks
+
+
+def route_adapters(model: Any, names: Sequence[str] | None) -> tuple[dict[str, Any], Any]:
+    """The forward arguments and context that give each row its adapter, by the fastest path that is right.
+
+    One adapter for every row: it is merged into the base weights (a plain model's speed; LoRA layers add about
+    a third to a CPU step here), and stays merged for the next batches. Rows on different adapters: PEFT's
+    mixed-adapter batch (``adapter_names``), after unmerging. Every row on :data:`BASE`: adapters disabled.
+    """
+    if names is None:
+        return {}, contextlib.nullcontext()
+    distinct = set(names)
+    merged = merged_adapters(model)
+    if len(distinct) == 1 and distinct != {BASE}:
+        (name,) = distinct
+        if merged != [name]:
+            if merged:
+                model.unmerge_adapter()
+            model.set_adapter(name)
+            model.merge_adapter()
+        return {}, contextlib.nullcontext()
+    if merged:
+        model.unmerge_adapter()
+    if distinct == {BASE}:
+        return {}, model.disable_adapter()
+    return {"adapter_names": list(names)}, contextlib.nullcontext()
+
+
+def merged_adapters(model: Any) -> list[str]:
+    """The adapters merged into the base weights of a PEFT model (all LoRA layers agree); [] for none."""
+    if model not in _LORA_LAYER:  # found once: walking every module each step would cost milliseconds
+        from peft.tuners.lora import LoraLayer
+
+        _LORA_LAYER[model] = next((m for m in model.modules() if isinstance(m, LoraLayer)), None)
+    layer = _LORA_LAYER[model]
+    return list(layer.merged_adapters) if layer is not None else []
+
+
+_LORA_LAYER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _left_pad(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:

@@ -293,9 +293,9 @@ class AppArgs(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="Dotted overrides, e.g. serve.max_batch_size=8.")
 
 
-def build_app(args: AppArgs | dict[str, Any] | None = None) -> Any:
-    """The Serve application for ``serve run`` / ``serve deploy`` / ``python -m serve``."""
-    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+def build_app(args: AppArgs) -> Any:
+    """The Serve application for ``serve run`` / ``serve deploy``; Serve validates ``args`` as :class:`AppArgs`."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)  # called directly with a dict
     return bind(load_config(args.config, args.overrides))
 
 

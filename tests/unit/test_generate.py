@@ -16,6 +16,7 @@ from jobs.generate import (
     check_adapter_dir,
     decode,
     generate_text,
+    merged_adapters,
     sample,
 )
 
@@ -116,9 +117,12 @@ def test_a_mixed_adapter_batch_answers_each_row_as_its_adapter_alone(base, tiny_
         name: _collect(adapters.model, tiny_tokenizer, [prompt], [greedy], [name])[0][0] for name in ("a1", "a2", BASE)
     }
     assert len(set(alone.values())) == 3, "the adapters must change the output for this test to mean anything"
+    assert merged_adapters(adapters.model) == []  # the last one alone ran on the base: a2 was unmerged for it
     names = ["a2", BASE, "a1", "a2"]
     mixed, _, _ = _collect(adapters.model, tiny_tokenizer, [prompt] * 4, [greedy] * 4, names)
-    assert mixed == [alone[n] for n in names]
+    assert mixed == [alone[n] for n in names]  # merged (one adapter) and mixed-batch paths agree
+    _collect(adapters.model, tiny_tokenizer, [prompt], [greedy], ["a1"])
+    assert merged_adapters(adapters.model) == ["a1"]  # one adapter for the whole batch: merged into the base
     assert generate_text(adapters.model, tiny_tokenizer, ["GALAXY"], greedy, ["a1"]) == generate_text(
         adapters.model, tiny_tokenizer, ["GALAXY"], greedy, ["a1"]
     )
