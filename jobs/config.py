@@ -266,6 +266,15 @@ class ServeConfig(_Section):
     )
     log_prompts: bool = Field(False, description="Log prompts and answers (off: only sizes and timings are logged).")
 
+    @model_validator(mode="after")
+    def _batch_fits(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) is below max_batch_size ({self.max_batch_size}):"
+                " a batch could never fill; raise max_ongoing_requests or lower max_batch_size"
+            )
+        return self
+
 
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -78,6 +78,7 @@ class Generator:
     def __init__(self, config: dict[str, Any]):
         import torch
 
+        from jobs.generate import AdapterSet, load_inference_model
         from jobs.model import load_tokenizer
 
         self.cfg = from_dict(config, source="serve app")
@@ -88,8 +89,6 @@ class Generator:
         self.registry = Registry(self.cfg.run.registry)
         self.cache = Path(tempfile.gettempdir()) / f"qlora-ray-adapters-{os.getpid()}"
         self.tokenizer = load_tokenizer(self.cfg.model)
-        from jobs.generate import AdapterSet, load_inference_model
-
         self.adapters = AdapterSet(load_inference_model(self.cfg.model, self.device))
         self.prompts: dict[str, PromptSettings] = {}
         self.in_use: Counter[str] = Counter()
@@ -117,6 +116,7 @@ class Generator:
 
     async def _load(self, name: str) -> _Loaded:
         """Multiplexed loader: fetch the adapter from the registry and put it on the base model."""
+        from jobs.generate import AdapterError
         self.dropped.discard(name)
         try:
             directory = self.registry.local_dir(name, self.cache)
@@ -125,8 +125,11 @@ class Generator:
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
         # Loads and unloads run on the torch thread in order, so a queued unload never undoes this load.
         started = time.perf_counter()
-        if await self._run(self._ensure_loaded, name, directory):
-            log.info("adapter %s loaded in %.2f s", name, time.perf_counter() - started)
+        try:
+            if await self._run(self._ensure_loaded, name, directory):
+                log.info("adapter %s loaded in %.2f s", name, time.perf_counter() - started)
+        except AdapterError as err:
+            raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
         self.prompts[name] = settings
         return _Loaded(self, name)
 

@@ -65,7 +65,8 @@ def deploy(cluster, *overrides: str) -> str:
 
 @pytest.fixture(scope="module")
 def app(cluster):
-    return deploy(cluster, f"serve.api_keys_file={cluster['home'] / 'keys.txt'}", "serve.max_batch_size=8")
+    keys = f"serve.api_keys_file={cluster['home'] / 'keys.txt'}"
+    return deploy(cluster, keys, "serve.max_batch_size=8", "serve.max_adapters_per_replica=2")
 
 
 def _post(url, path, body, key=KEY, **kwargs):
@@ -143,6 +144,10 @@ def test_a_newly_registered_adapter_is_served_without_a_restart(app, cluster):
     assert "faq-c" in {m["id"] for m in models["data"]}
     reply = _post(app, "/v1/completions", {"model": "faq-c", "prompt": PROMPT, "max_tokens": 4})
     assert reply.status_code == 200 and reply.json()["model"] == "faq-c"
+    loaded = requests.get(f"{app}/healthz", timeout=10).json()["adapters"]
+    assert "faq-c" in loaded and len(loaded) == 2  # serve.max_adapters_per_replica: the least recent went
+    again = _post(app, "/v1/completions", {"model": "faq-a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+    assert again.status_code == 200  # an evicted adapter loads again on its next request
 
 
 @pytest.mark.parametrize(

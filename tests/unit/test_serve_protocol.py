@@ -70,3 +70,10 @@ def test_chat_messages_become_the_prompt_the_adapter_was_trained_on():
     )
     with pytest.raises(ValueError, match="no user message"):
         example_from_messages(messages[:1], "prompt_completion")
+
+
+def test_serve_settings_that_cannot_work_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"max_ongoing_requests \(4\) is below max_batch_size \(8\)"):
+        from_dict({"data": {"path": "x.jsonl"}, "serve": {"max_ongoing_requests": 4, "max_batch_size": 8}})
+    with pytest.raises(ConfigError, match=r"min_replicas \(3\) is above max_replicas \(2\)"):
+        from_dict({"data": {"path": "x.jsonl"}, "serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
