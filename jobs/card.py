@@ -60,3 +60,50 @@ completion ends with the EOS token.
 ```python
 {usage_code(base, adapter, prompt)}```
 """
+
+
+EVALUATION_HEADING = "## Evaluation"
+_SHOWN = [("exact_match", "exact match"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"), ("bleu", "BLEU"),
+          ("similarity", "similarity (all-MiniLM-L6-v2)"), ("similarity_match_accuracy", "similarity match accuracy"),
+          ("holdout_loss", "holdout loss"), ("holdout_perplexity", "holdout perplexity")]  # fmt: skip
+
+
+def evaluation_section(report: dict[str, Any]) -> str:
+    """The card's evaluation: the numbers of ``eval.json``, base model against this adapter."""
+    groups = report["groups"]
+    overall = groups["overall"]
+    settings = report.get("generation", {})
+    lines = [
+        EVALUATION_HEADING,
+        "",
+        f"Holdout split, {overall['base']['count']} rows, greedy answers of at most {settings.get('max_tokens')} "
+        f"tokens, measured by `python -m jobs.evaluate` (similarity match: similarity >= "
+        f"{report.get('similarity_threshold')}).",
+        "",
+        "| metric | base model | this adapter |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {label} | {overall['base'][key]:.4f} | {overall['tuned'][key]:.4f} |" for key, label in _SHOWN
+              if key in overall["base"]]  # fmt: skip
+    tags = [g for g in groups if g != "overall"]
+    if tags:
+        lines += ["", "Per tag (token F1 / similarity), base -> adapter:", ""]
+        lines += ["| tag | rows | token F1 | similarity |", "| --- | --- | --- | --- |"]
+        for tag in tags:
+            b, t = groups[tag]["base"], groups[tag]["tuned"]
+            lines.append(f"| {tag} | {b['count']} | {b['token_f1']:.3f} -> {t['token_f1']:.3f} | "
+                         f"{b['similarity']:.3f} -> {t['similarity']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def with_evaluation(card: str, report: dict[str, Any]) -> str:
+    """``card`` with its evaluation section replaced by (or, if it has none, given) the report's numbers."""
+    section = evaluation_section(report)
+    if EVALUATION_HEADING in card:
+        before, rest = card.split(EVALUATION_HEADING, 1)
+        after = rest.split("\n## ", 1)
+        return before + section + ("\n## " + after[1] if len(after) > 1 else "")
+    if "\n## Use" in card:
+        before, after = card.split("\n## Use", 1)
+        return before.rstrip("\n") + "\n\n" + section + "\n## Use" + after
+    return card.rstrip("\n") + "\n\n" + section if card.strip() else section

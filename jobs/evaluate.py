@@ -43,7 +43,7 @@ class EvalOutcome:
 
 
 def run_evaluate(cfg: Config, adapter: str, workers: int = 1) -> EvalOutcome:
-    """Generate base and fine-tuned answers for the holdout split, score them, and write ``eval.json``."""
+    """Generate base and fine-tuned answers for the holdout split, score them, write ``eval.json`` and the card."""
     cfg, check = prepare_run(cfg)
     assert check.data is not None
     directory, registry_name = _resolve(cfg, adapter)
@@ -183,12 +183,20 @@ def _question(example: dict[str, Any]) -> str:
 
 
 def _write(cfg: Config, directory: str, registry_name: str | None, report: dict[str, Any]) -> str:
+    """``eval.json`` beside the adapter, and its numbers in the adapter's model card (``README.md``)."""
+    from jobs.card import with_evaluation
+
     text = json.dumps(report, indent=2) + "\n"
+    card_path = Path(directory) / "README.md"  # for a registry adapter, the local copy it was loaded from
+    card = with_evaluation(card_path.read_text() if card_path.exists() else "", report)
     if registry_name is None:
+        card_path.write_text(card)
         path = Path(directory) / EVAL_FILE
         path.write_text(text)
         return str(path)
-    return Registry(cfg.run.registry).write_file(registry_name, EVAL_FILE, text)
+    registry = Registry(cfg.run.registry)
+    registry.write_file(registry_name, "README.md", card)
+    return registry.write_file(registry_name, EVAL_FILE, text)
 
 
 def table(report: dict[str, Any]) -> str:

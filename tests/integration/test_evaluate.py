@@ -38,3 +38,6 @@ def test_evaluate_scores_base_and_adapter_per_tag_and_writes_eval_json(tiny_phi_
     assert groups["overall"]["base"]["holdout_loss"] != groups["overall"]["tuned"]["holdout_loss"]
     assert any(ex["base"] != ex["tuned"] for ex in report["examples"]) and len(report["examples"]) == 5
     assert "overall" in proc.stdout and "token_f1" in proc.stdout and "eval.json" in proc.stdout
+    card = (registry / "adapters/faq-a/README.md").read_text()
+    f1 = groups["overall"]["tuned"]["token_f1"]
+    assert "## Evaluation" in card and f"| token F1 | {groups['overall']['base']['token_f1']:.4f} | {f1:.4f} |" in card
