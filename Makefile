@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 quickstart: setup
-	$(PY) -m jobs.train --config configs/quickstart.yaml
+	$(PY) -m jobs.pipeline --config configs/quickstart.yaml
 
 lint: setup
 	$(PY) -m ruff check .

@@ -38,6 +38,17 @@ def build_prompt(example: dict[str, Any], template: str, tokenizer: Any = None) 
     raise ValueError(f"unknown example format {fmt!r}")
 
 
+def messages_for(example: dict[str, Any]) -> list[dict[str, str]]:
+    """The chat messages that ask ``example``'s question: what :func:`example_from_messages` turns back into it."""
+    fmt = example["format"]
+    if fmt == "chat":
+        return list(example["messages"])
+    if fmt == "prompt_completion":
+        return [{"role": "user", "content": example["prompt"]}]
+    context = [{"role": "system", "content": example["context"]}] if example.get("context") else []
+    return [*context, {"role": "user", "content": example["question"]}]
+
+
 def example_from_messages(messages: list[dict[str, str]], fmt: str) -> dict[str, Any]:
     """A chat request's messages as the normalised example of a model trained on ``fmt`` rows.
 

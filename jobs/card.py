@@ -6,6 +6,9 @@ from typing import Any
 
 from jobs.config import Config
 
+EVALUATION_HEADING = "## Evaluation"
+USAGE_HEADING = "## How to get started"
+
 
 def usage_code(base: str, adapter: str, prompt: str) -> str:
     """Python that loads the adapter with transformers + peft alone and answers ``prompt``."""
@@ -21,13 +24,48 @@ print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_to
 """
 
 
-def model_card(cfg: Config, metrics: dict[str, Any], base: str, adapter: str, prompt: str) -> str:
-    """A Hugging Face model card: YAML front matter, training summary, and code that loads the adapter."""
-    targets = (
-        cfg.lora.target_modules if isinstance(cfg.lora.target_modules, str) else ", ".join(cfg.lora.target_modules)
+FRAMEWORKS = ["qlora-ray", "peft", "transformers", "torch", "bitsandbytes", "ray", "datasets", "pyarrow"]
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of the packages that trained (and load) the adapter."""
+    import importlib.metadata
+
+    versions = {}
+    for name in FRAMEWORKS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def model_card(
+    cfg: Config,
+    metrics: dict[str, Any],
+    base: str,
+    adapter: str,
+    prompt: str,
+    rows: dict[str, dict[str, int]],
+) -> str:
+    """A Hugging Face model card: metadata, details, data, procedure, evaluation, code, versions.
+
+    ``rows`` counts the examples per split and tag (``{"train": {"<GALAXY>": 801, ...}, "holdout": {...}}``).
+    """
+    train = cfg.train
+    targets = cfg.lora.target_modules
+    targets = targets if isinstance(targets, str) else ", ".join(targets)
+    val, ppl, seconds = metrics.get("val_loss"), metrics.get("val_perplexity"), metrics.get("train_seconds")
+    tags = sorted(set(rows.get("train", {})) | set(rows.get("holdout", {})))
+    data_table = "\n".join(
+        f"| {tag} | {rows.get('train', {}).get(tag, 0)} | {rows.get('holdout', {}).get(tag, 0)} |" for tag in tags
     )
-    val = metrics.get("val_loss")
-    ppl = metrics.get("val_perplexity")
+    totals = {split: sum(counts.values()) for split, counts in rows.items()}
+    duration = "not recorded" if seconds is None else f"{seconds / 60:.1f} min of training (evaluations included)"
+    devices = "GPU" if train.use_gpu else "CPU"
+    template = cfg.data.template.encode("unicode_escape").decode()
+    template = f", template `{template}`" if cfg.data.format == "context_qa" else ""
+    versions = "\n".join(f"- {name} {version}" for name, version in framework_versions().items())
     return f"""---
 base_model: {base}
 library_name: peft
@@ -36,33 +74,68 @@ tags:
 - qlora
 - lora
 - ray
+datasets:
+- {cfg.data.path}
 ---
 
 # {cfg.run.name}
 
-A LoRA adapter for `{base}`, fine-tuned with qlora-ray on `{cfg.data.path}`
-({cfg.model.quantization} base, r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, dropout={cfg.lora.dropout:g},
-target modules: {targets}).
+A LoRA adapter for `{base}`, fine-tuned with qlora-ray (QLoRA: the base model frozen in
+{cfg.model.quantization}, low-rank adapters trained on top).
 
-| metric | value |
+## Model details
+
+- Base model: `{base}`, loaded in {cfg.model.quantization} for training
+- Adapter: LoRA r={cfg.lora.r}, alpha={cfg.lora.alpha:g}, dropout={cfg.lora.dropout:g}, on {targets}
+- Prompt format: `{cfg.data.format}`{template}
+
+## Intended use
+
+Answering questions like those of its training data (`{cfg.data.path}`), through the same prompt template,
+for example behind `python -m serve` (which builds prompts the way training did). It knows only what that
+data and its base model know; check the evaluation below before relying on its answers.
+
+## Training data
+
+`{cfg.data.path}` ({cfg.data.format}), split by seed {cfg.data.seed}: {totals.get("train", 0)} training and
+{totals.get("holdout", 0)} holdout rows.
+
+| tag | train | holdout |
+| --- | --- | --- |
+{data_table}
+
+## Training procedure
+
+| setting | value |
 | --- | --- |
-| holdout loss | {val if val is None else f"{val:.4f}"} |
-| holdout perplexity | {ppl if ppl is None else f"{ppl:.2f}"} |
-| optimizer steps | {metrics.get("step")} |
+| learning rate | {train.lr:g} ({train.lr_scheduler}, warmup {train.warmup_ratio:g}) |
+| batch | {train.batch_size} x accumulation {train.grad_accum} x {train.num_workers} worker(s) |
+| optimizer | {train.optimizer}, weight decay {train.weight_decay:g}, max grad norm {train.max_grad_norm:g} |
+| max sequence length | {train.max_seq_len} |
+| optimizer steps | {metrics.get("step")} (epoch {metrics.get("epoch", "?")}) |
+| seed | {train.seed} |
+| hardware | {train.num_workers} Ray Train worker(s) on {devices}: {metrics.get("hardware", "not recorded")} |
+| time | {duration} |
+| holdout loss | {"not recorded" if val is None else f"{val:.4f}"} |
+| holdout perplexity | {"not recorded" if ppl is None else f"{ppl:.2f}"} |
 
-Training: lr {cfg.train.lr:g} ({cfg.train.lr_scheduler}, warmup {cfg.train.warmup_ratio:g}), batch
-{cfg.train.batch_size} x accumulation {cfg.train.grad_accum} x {cfg.train.num_workers} worker(s), optimizer
-{cfg.train.optimizer}, max sequence length {cfg.train.max_seq_len}. Loss on the completion only; every
-completion ends with the EOS token.
+Loss on the completion only; every completion ends with the EOS token.
 
-## Use
+{EVALUATION_HEADING}
+
+Not evaluated yet: `python -m jobs.evaluate --config CONFIG --adapter {cfg.run.name}` writes the numbers here.
+
+{USAGE_HEADING}
 
 ```python
 {usage_code(base, adapter, prompt)}```
+
+## Framework versions
+
+{versions}
 """
 
 
-EVALUATION_HEADING = "## Evaluation"
 _SHOWN = [("exact_match", "exact match"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"), ("bleu", "BLEU"),
           ("similarity", "similarity (all-MiniLM-L6-v2)"), ("similarity_match_accuracy", "similarity match accuracy"),
           ("holdout_loss", "holdout loss"), ("holdout_perplexity", "holdout perplexity")]  # fmt: skip
@@ -103,7 +176,7 @@ def with_evaluation(card: str, report: dict[str, Any]) -> str:
         before, rest = card.split(EVALUATION_HEADING, 1)
         after = rest.split("\n## ", 1)
         return before + section + ("\n## " + after[1] if len(after) > 1 else "")
-    if "\n## Use" in card:
-        before, after = card.split("\n## Use", 1)
-        return before.rstrip("\n") + "\n\n" + section + "\n## Use" + after
+    if f"\n{USAGE_HEADING}" in card:
+        before, after = card.split(f"\n{USAGE_HEADING}", 1)
+        return before.rstrip("\n") + "\n\n" + section + f"\n{USAGE_HEADING}" + after
     return card.rstrip("\n") + "\n\n" + section if card.strip() else section

@@ -181,6 +181,9 @@ class SweepConfig(_Section):
     alpha_per_rank: float = Field(2.0, gt=0, description="alpha = alpha_per_rank x r, unless alphas is set.")
     alphas: list[float] | None = Field(None, description="Search alpha among these values instead of the rule.")
     dropouts: list[float] | None = Field(None, description="Search LoRA dropout among these values (optional).")
+    enabled: bool = Field(
+        True, description="python -m jobs.pipeline runs this sweep; false: one training run with the config as is."
+    )
     early_stopping: bool = Field(True, description="ASHA: stop trials whose holdout metric trails the others'.")
     grace_period: int = Field(
         0, ge=0, description="Optimizer steps before ASHA may stop a trial; 0: the first evaluation (eval_every)."
@@ -290,6 +293,17 @@ class Config(_Section):
         if self.sweep.gpus_per_trial and not self.train.use_gpu:
             raise ValueError("sweep.gpus_per_trial is set but train.use_gpu is false: set train.use_gpu: true")
         return self
+
+
+def changed_keys(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ("serve",)) -> list[str]:
+    """``section.key`` of every setting that differs between two dumped configs (``ignore``: sections skipped)."""
+    return [
+        f"{section}.{key}"
+        for section, values in now.items()
+        if section not in ignore
+        for key, value in values.items()
+        if (saved.get(section) or {}).get(key) != value
+    ]
 
 
 class ConfigError(ValueError):

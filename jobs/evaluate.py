@@ -42,9 +42,14 @@ class EvalOutcome:
     path: str
 
 
-def run_evaluate(cfg: Config, adapter: str, workers: int = 1) -> EvalOutcome:
-    """Generate base and fine-tuned answers for the holdout split, score them, write ``eval.json`` and the card."""
-    cfg, check = prepare_run(cfg)
+def run_evaluate(
+    cfg: Config, adapter: str, workers: int = 1, prepared: tuple[Config, Any] | None = None
+) -> EvalOutcome:
+    """Generate base and fine-tuned answers for the holdout split, score them, write ``eval.json`` and the card.
+
+    ``prepared``: what ``jobs.train.prepare_run`` returned for ``cfg``, when the caller ran it already.
+    """
+    cfg, check = prepared or prepare_run(cfg)
     assert check.data is not None
     directory, registry_name = _resolve(cfg, adapter)
     examples = check.data.holdout_examples

@@ -126,9 +126,10 @@ def train(
     per_epoch = dist.all_min(steps_per_epoch(len(rows), cfg))
     total = total_steps(cfg, per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
-    step, best = 0, math.inf
+    step, best, seconds_before = 0, math.inf, 0.0
+    started = time.perf_counter()
     if resume_dir:
-        step, best = _load_state(resume_dir, peft_model, optimizer, scheduler, dist)
+        step, best, seconds_before = _load_state(resume_dir, peft_model, optimizer, scheduler, dist)
         log.info("resuming from step %d of %d", step, total)
     lengths = [len(r["input_ids"]) for r in rows]
     autocast = _autocast(cfg, dist.device)
@@ -155,6 +156,8 @@ def train(
         if eval_due:
             metrics = window.metrics(step, epoch + (offset + 1) / per_epoch, scheduler.get_last_lr()[0], dist)
             metrics.update(evaluate(model, holdout, tokenizer, cfg, dist, autocast))
+            metrics["train_seconds"] = seconds_before + time.perf_counter() - started  # across resumes
+            metrics["hardware"] = hardware(dist.device)
             model.train()
             best = min(best, metrics["val_loss"])
             save_due = not cfg.train.save_every or step % cfg.train.save_every == 0 or step == total
@@ -249,6 +252,18 @@ class _Window:
         }
 
 
+def hardware(device: str) -> str:
+    """What this worker trains on: the GPU's name, or the CPU's model and the torch threads in use."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "CPU")
+    except OSError:
+        model = "CPU"
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
 def peak_memory_gb(device: str) -> float:
     """Peak accelerator memory allocated by torch on CUDA; peak resident memory of this process on CPU."""
     if device.startswith("cuda"):
@@ -301,7 +316,7 @@ def save_checkpoint(directory, peft_model, tokenizer, optimizer, scheduler, step
     Path(directory, STATE_FILE).write_text(json.dumps({"step": step, "best_val_loss": best, "metrics": metrics}))
 
 
-def _load_state(directory, peft_model, optimizer, scheduler, dist) -> tuple[int, float]:
+def _load_state(directory, peft_model, optimizer, scheduler, dist) -> tuple[int, float, float]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -311,4 +326,4 @@ def _load_state(directory, peft_model, optimizer, scheduler, dist) -> tuple[int,
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     meta = json.loads(Path(directory, STATE_FILE).read_text())
-    return int(meta["step"]), float(meta["best_val_loss"])
+    return int(meta["step"]), float(meta["best_val_loss"]), float(meta["metrics"].get("train_seconds", 0.0))

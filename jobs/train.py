@@ -42,6 +42,7 @@ class TrainOutcome:
     adapter_dir: str
     metrics: dict[str, Any]
     run_path: str
+    checkpoint: Any  # the ray.train.Checkpoint the adapter came from
 
 
 # Ray Train runs the training function in a thread of its own, and glibc gives such a thread its own malloc
@@ -96,11 +97,14 @@ def _shard_rows(name: str) -> list[dict[str, list[int]]]:
     return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in shard.iter_rows()]
 
 
-def run_train(cfg: Config) -> TrainOutcome:
-    """Check, tokenise, train on Ray Train, and export the best adapter. Tests call this directly."""
+def run_train(cfg: Config, prepared: tuple[Config, PreflightResult] | None = None) -> TrainOutcome:
+    """Check, tokenise, train on Ray Train, and export the best adapter. Tests call this directly.
+
+    ``prepared``: what :func:`prepare_run` returned for ``cfg``, when the caller ran it already.
+    """
     import ray.train
 
-    cfg, check = prepare_run(cfg)
+    cfg, check = prepared or prepare_run(cfg)
     ray = start_ray(cfg.run.local_dashboard)
     storage = storage_path(cfg, ray)
     trainer = build_trainer(cfg, check.data.train_rows, check.data.holdout_rows, storage, cfg.run.name)
@@ -109,8 +113,8 @@ def run_train(cfg: Config) -> TrainOutcome:
     except ray.train.TrainingFailedError as err:
         raise TrainError(f"training failed: {failure_summary(err)}") from None
     best, metrics = best_checkpoint(result)
-    adapter = export_adapter(best, cfg, metrics, f"{storage.rstrip('/')}/{cfg.run.name}", sample_prompt(cfg, check))
-    return TrainOutcome(adapter_dir=adapter, metrics=metrics, run_path=result.path)
+    adapter = export_adapter(best, cfg, metrics, f"{storage.rstrip('/')}/{cfg.run.name}", check)
+    return TrainOutcome(adapter_dir=adapter, metrics=metrics, run_path=result.path, checkpoint=best)
 
 
 def prepare_run(cfg: Config) -> tuple[Config, PreflightResult]:
@@ -240,29 +244,83 @@ def storage_path(cfg: Config, ray: Any) -> str:
     return storage
 
 
-def export_adapter(checkpoint: Any, cfg: Config, metrics: dict[str, Any], run_dir: str, prompt: str) -> str:
+def export_adapter(checkpoint: Any, cfg: Config, metrics: dict[str, Any], run_dir: str, check: PreflightResult) -> str:
     """Copy the checkpoint's adapter to ``<run_dir>/adapter`` with its config, metrics and a model card."""
     destination = f"{run_dir}/{ADAPTER_DIR}"
     with tempfile.TemporaryDirectory() as staging:
-        upload_dir(stage_adapter(checkpoint, cfg, metrics, prompt, staging, destination), destination)
+        upload_dir(stage_adapter(checkpoint, cfg, metrics, check, staging, destination), destination)
     return destination
 
 
-def stage_adapter(checkpoint: Any, cfg: Config, metrics: dict[str, Any], prompt: str, staging: str, home: str) -> Path:
+def stage_adapter(
+    checkpoint: Any, cfg: Config, metrics: dict[str, Any], check: PreflightResult, staging: str, home: str
+) -> Path:
     """Write the adapter directory users get into ``staging``: weights, tokenizer, config, metrics, card.
 
-    ``home`` is where it will live (the model card's code loads it from there).
+    ``home`` is where it will live (the model card's code loads it from there); ``check`` is the run's
+    preflight, whose data gives the card its rows per split and tag and its example question.
     """
+    from data.tokenize import tag_counts
     from jobs.card import model_card
 
+    assert check.data is not None
+    rows = {split: dict(tag_counts(getattr(check.data, f"{split}_examples"))) for split in ("train", "holdout")}
     out = Path(staging) / ADAPTER_DIR
     with checkpoint.as_directory() as source:
         shutil.copytree(Path(source) / ADAPTER_DIR, out)
     (out / "qlora_ray_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    (out / "README.md").write_text(model_card(cfg, metrics, base, home, prompt))
+    (out / "README.md").write_text(model_card(cfg, metrics, base, home, sample_prompt(cfg, check), rows))
     return out
+
+
+def register_checkpoint(
+    cfg: Config,
+    checkpoint: Any,
+    metrics: dict[str, Any],
+    check: PreflightResult,
+    source: dict[str, Any],
+    metric: str = "val_loss",
+    mode: str = "min",
+) -> str:
+    """Copy a checkpoint's adapter into ``run.registry`` as ``run.name``, with manifest and card; its location.
+
+    ``source["path"]`` names the run (train run or sweep) behind it: rerunning that run replaces its adapter,
+    while a name another run registered is refused.
+    """
+    from jobs.artifacts import Registry, dataset_fingerprint, manifest_for
+
+    assert check.data is not None
+    registry, name = Registry(cfg.run.registry), cfg.run.name
+    replace = registered_by(cfg, source["path"])
+    manifest = manifest_for(
+        cfg, metrics, data_fingerprint=dataset_fingerprint(cfg.data.path),
+        rows={"train": len(check.data.train_rows), "holdout": len(check.data.holdout_rows)}, source=source,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as staging:
+        adapter = stage_adapter(checkpoint, cfg, metrics, check, staging, registry.location_of(name))
+        entry = registry.register(name, adapter, manifest, metric=metric, mode=mode, overwrite=replace)
+    return entry.uri
+
+
+def registered_by(cfg: Config, path: str) -> bool:
+    """Whether the run at ``path`` registered ``run.name`` before (a rerun replaces it).
+
+    Raises RegistryError when another run holds that name: checked before a run starts, not after it.
+    """
+    from jobs.artifacts import Registry, RegistryError
+
+    existing = {e.name: e for e in Registry(cfg.run.registry).list()}.get(cfg.run.name)
+    if existing is None:
+        return False
+    origin = existing.manifest.get("source", {}).get("path")
+    if origin != path:
+        raise RegistryError(
+            f"the registry {cfg.run.registry} already holds an adapter named {cfg.run.name!r} from "
+            f"{origin or 'another run'}; give this run another run.name (or remove that adapter)"
+        )
+    return True
 
 
 def filesystem_of(location: str) -> tuple[Any, str]:

@@ -17,34 +17,44 @@ from jobs.train import TrainError, start_ray
 APP_NAME = "qlora-ray"
 
 
-def run_serve(cfg: Config, blocking: bool | None = None) -> str:
-    """Start Serve on ``serve.host``:``serve.port``, deploy the app, wait until it answers; return its URL."""
+def run_serve(cfg: Config) -> tuple[str, bool]:
+    """Start Serve on ``serve.host``:``serve.port`` and deploy the app; its URL, and whether Ray is local.
+
+    A local Ray (one this process started, not one it connected to) ends with this process: its caller
+    keeps serving with :func:`serve_until_interrupted`. On a cluster the app stays up after the caller ends.
+    """
     from ray import serve
 
     from serve.app import bind
 
     ray = start_ray(dashboard=True)
-    # A Ray that this process started (not one it connected to) ends with it: keep serving here then.
-    started_here = getattr(ray._private.worker._global_node, "head", False)
+    local = bool(getattr(ray._private.worker._global_node, "head", False))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(bind(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     print(f"serving on {url}/v1 (OpenAI-compatible); health: {url}/healthz", flush=True)
-    if started_here if blocking is None else blocking:
-        print("local Ray: serving until Ctrl-C", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
-    return url
+    return url, local
+
+
+def serve_until_interrupted() -> None:
+    """Keep this process, and with it a local Ray and its Serve app, alive until Ctrl-C."""
+    from ray import serve
+
+    print("local Ray: serving until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = config_from_cli("python -m serve", __doc__.split("\n")[0], argv, "serve.port=8001")
-        run_serve(cfg)
+        _url, local = run_serve(cfg)
+        if local:
+            serve_until_interrupted()
     except (ConfigError, TrainError, RegistryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -27,8 +27,8 @@ from typing import Any
 import ray.tune
 import yaml
 
-from jobs.artifacts import Registry, RegistryError, dataset_fingerprint, manifest_for
-from jobs.config import Config, ConfigError, config_from_cli, from_dict
+from jobs.artifacts import RegistryError
+from jobs.config import Config, ConfigError, changed_keys, config_from_cli, from_dict
 from jobs.loop import STATE_FILE
 from jobs.train import (
     TrainError,
@@ -36,8 +36,8 @@ from jobs.train import (
     failure_summary,
     filesystem_of,
     prepare_run,
-    sample_prompt,
-    stage_adapter,
+    register_checkpoint,
+    registered_by,
     start_ray,
     storage_path,
     upload_dir,
@@ -100,7 +100,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
         {"CPU": DRIVER_CPUS},
     )  # fmt: skip
     path = f"{storage.rstrip('/')}/{cfg.run.name}"
-    _registered(cfg, path)  # a name taken in the registry by another run: refused now, not after the sweep
+    registered_by(cfg, path)  # a registry name another run holds: refused now, not after the sweep
     leftovers = [p for p in Path(path).glob("*") if p.name != SWEEP_CONFIG] if "://" not in path else []
     resuming = ray.tune.Tuner.can_restore(path)
     if leftovers and not resuming:
@@ -165,13 +165,7 @@ def _check_same_sweep(path: str, cfg: Config) -> None:
             saved = yaml.safe_load(stream.read())
     except FileNotFoundError:
         return
-    now = cfg.model_dump()
-    changed = [
-        f"{section}.{key}"
-        for section, values in now.items()
-        for key, value in values.items()
-        if saved.get(section, {}).get(key) != value
-    ]
+    changed = changed_keys(saved, cfg.model_dump())
     if changed:
         raise SweepError(
             f"{path} holds a sweep run with other settings ({', '.join(changed)} differ): rerun it with the "
@@ -234,36 +228,8 @@ def register_best(cfg: Config, best: report.TrialRecord, check: Any, storage: st
     checkpoint = ray.train.Checkpoint(best.checkpoint, filesystem=filesystem)
     with checkpoint.as_directory() as directory:  # the metrics reported with this very checkpoint
         metrics = json.loads((Path(directory) / STATE_FILE).read_text())["metrics"]
-    registry = Registry(cfg.run.registry)
-    name = cfg.run.name
-    home = registry.location_of(name)
-    manifest = manifest_for(
-        trial, metrics,
-        data_fingerprint=dataset_fingerprint(cfg.data.path),
-        rows={"train": len(check.data.train_rows), "holdout": len(check.data.holdout_rows)},
-        source={"kind": "sweep", "sweep": path, "trial": best.trial_id, "checkpoint": best.checkpoint},
-    )  # fmt: skip
-    with tempfile.TemporaryDirectory() as staging:
-        adapter = stage_adapter(checkpoint, trial, metrics, sample_prompt(trial, check), staging, home)
-        entry = registry.register(
-            name, adapter, manifest, metric=cfg.sweep.metric, mode=cfg.sweep.mode, overwrite=_registered(cfg, path)
-        )
-    return entry.uri
-
-
-def _registered(cfg: Config, path: str) -> bool:
-    """Whether this sweep registered its adapter before (a rerun replaces it); refuses another run's name."""
-    registry = Registry(cfg.run.registry)
-    existing = {e.name: e for e in registry.list()}.get(cfg.run.name)
-    if existing is None:
-        return False
-    source = existing.manifest.get("source", {}).get("sweep")
-    if source != path:
-        raise RegistryError(
-            f"the registry {cfg.run.registry} already holds an adapter named {cfg.run.name!r} from "
-            f"{source or 'another run'}; give this sweep another run.name (or remove that adapter)"
-        )
-    return True
+    source = {"kind": "sweep", "path": path, "trial": best.trial_id, "checkpoint": best.checkpoint}
+    return register_checkpoint(trial, checkpoint, metrics, check, source, cfg.sweep.metric, cfg.sweep.mode)
 
 
 class Progress(ray.tune.Callback):

@@ -1,6 +1,7 @@
 """Running our CLIs as real subprocesses, each with its own local Ray, and killing them mid-run."""
 
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -27,3 +28,9 @@ def wait_for(predicate, timeout, what):
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

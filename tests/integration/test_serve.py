@@ -7,7 +7,6 @@ tight limits; two replicas for the kill test).
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,18 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from adapters import register_adapter
-from processes import wait_for
+from processes import free_port, wait_for
 
 pytestmark = pytest.mark.ray
 
 KEY = "test-key-123"
 PROMPT = "GALAXY < what is ?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def cluster(tiny_phi_dir, tmp_path_factory):
     register_adapter(registry, "faq-a", tiny_phi_dir, seed=1, val_loss=1.0, staging=home / "staging")
     register_adapter(registry, "faq-b", tiny_phi_dir, seed=2, val_loss=2.0, staging=home / "staging")
     (home / "keys.txt").write_text(f"# one key per line\n{KEY}\n")
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield {"home": home, "registry": registry, "base": tiny_phi_dir, "url": f"http://127.0.0.1:{port}"}

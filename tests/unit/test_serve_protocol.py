@@ -7,7 +7,7 @@ import pickle
 import pytest
 from pydantic import ValidationError
 
-from data.templates import build_prompt, example_from_messages
+from data.templates import build_prompt, example_from_messages, messages_for
 from jobs.config import ConfigError, from_dict
 from serve.app import KEYS_VARIABLE, api_keys, build_app
 from serve.protocol import ApiError, ChatRequest, CompletionRequest, error_from_validation
@@ -70,6 +70,18 @@ def test_chat_messages_become_the_prompt_the_adapter_was_trained_on():
     )
     with pytest.raises(ValueError, match="no user message"):
         example_from_messages(messages[:1], "prompt_completion")
+
+
+def test_an_example_asked_as_chat_messages_gets_its_training_prompt_back():
+    template = "{context}\nQuestion: {question}\nAnswer:"
+    examples = [
+        {"format": "prompt_completion", "prompt": "<GALAXY> Hi?", "completion": "Hello"},
+        {"format": "context_qa", "question": "Yield?", "context": "The alloy yields at 2 GPa.", "completion": "2 GPa"},
+        {"format": "alpaca", "question": "Summarise", "context": "", "completion": "ok"},
+    ]
+    for example in examples:
+        asked = example_from_messages(messages_for(example), example["format"])
+        assert build_prompt(asked, template) == build_prompt(example, template)
 
 
 def test_serve_settings_that_cannot_work_are_refused_with_the_fix():
