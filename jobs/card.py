@@ -58,7 +58,7 @@ def model_card(
     val, ppl, seconds = metrics.get("val_loss"), metrics.get("val_perplexity"), metrics.get("train_seconds")
     tags = sorted(set(rows.get("train", {})) | set(rows.get("holdout", {})))
     data_table = "\n".join(
-        f"| {tag} | {rows.get('train', {}).get(tag, 0)} | {rows.get('holdout', {}).get(tag, 0)} |" for tag in tags
+        f"| `{tag}` | {rows.get('train', {}).get(tag, 0)} | {rows.get('holdout', {}).get(tag, 0)} |" for tag in tags
     )
     totals = {split: sum(counts.values()) for split, counts in rows.items()}
     duration = "not recorded" if seconds is None else f"{seconds / 60:.1f} min of training (evaluations included)"
@@ -164,7 +164,7 @@ def evaluation_section(report: dict[str, Any]) -> str:
         lines += ["| tag | rows | token F1 | similarity |", "| --- | --- | --- | --- |"]
         for tag in tags:
             b, t = groups[tag]["base"], groups[tag]["tuned"]
-            lines.append(f"| {tag} | {b['count']} | {b['token_f1']:.3f} -> {t['token_f1']:.3f} | "
+            lines.append(f"| `{tag}` | {b['count']} | {b['token_f1']:.3f} -> {t['token_f1']:.3f} | "
                          f"{b['similarity']:.3f} -> {t['similarity']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 

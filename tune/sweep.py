@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +134,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
         cfg.run.name, cfg.sweep.search, trial_count(cfg), concurrency, total,
         ", ASHA early stopping" if cfg.sweep.early_stopping else "", path,
     )  # fmt: skip
-    grid = tuner.fit()
+    grid = _fit(tuner)
     records = [_record(result, cfg, total) for result in grid]
     scored = [t for t in records if t.best is not None and t.checkpoint]
     best = (min if cfg.sweep.mode == "min" else max)(scored, key=lambda t: t.best) if scored else None
@@ -145,6 +147,19 @@ def run_sweep(cfg: Config) -> SweepOutcome:
         raise SweepError(f"no trial produced a checkpoint; see the errors above and the trial logs under {path}")
     location = register_best(cfg, best, check, storage, path)
     return SweepOutcome(records, best, location, cfg.run.name, f"{path}/{REPORT_DIR}", path, cfg.sweep.metric)
+
+
+def _fit(tuner: Any) -> Any:
+    """``tuner.fit()``, then the SIGINT/SIGUSR1 handlers as they were: Tune installs its own and leaves them,
+    after which Ctrl-C would no longer stop a caller that keeps running (the pipeline serving its endpoint)."""
+    signals = [signal.SIGINT, signal.SIGUSR1]
+    handlers = [signal.getsignal(s) for s in signals]
+    try:
+        return tuner.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in zip(signals, handlers, strict=True):
+                signal.signal(number, handler)
 
 
 DRIVER_CPUS = 0.01  # a trial's driver function only waits on its trainer; Ray refuses a request of 0

@@ -20,7 +20,7 @@ def test_the_evaluation_section_goes_before_use_and_is_replaced_not_repeated():
     card = f"---\nbase_model: x\n---\n\n# run\n\ntext\n\n{USAGE_HEADING}\n\n```python\ncode\n```\n"
     first = with_evaluation(card, _report(0.5))
     assert first.index(EVALUATION_HEADING) < first.index(USAGE_HEADING) and "| token F1 | 0.2500 | 0.5000 |" in first
-    assert "| holdout loss | 4.6700 | 3.8000 |" in first and "| <RAY> | 3 | 0.250 -> 0.250 |" in first
+    assert "| holdout loss | 4.6700 | 3.8000 |" in first and "| `<RAY>` | 3 | 0.250 -> 0.250 |" in first
     second = with_evaluation(first, _report(0.75))
     assert second.count(EVALUATION_HEADING) == 1 and "| token F1 | 0.2500 | 0.7500 |" in second
     assert "0.5000 |" not in second.split(USAGE_HEADING)[0].split("token F1")[1].splitlines()[0]
@@ -36,7 +36,7 @@ def test_the_model_card_holds_the_run_numbers_and_replaces_its_not_evaluated_not
     card = model_card(cfg, metrics, "base/model", "/registry/faq", "Q: hi\nA:", rows)
     front = card.split("---")[1]
     assert "base_model: base/model" in front and "library_name: peft" in front and "- data/faq.jsonl" in front
-    assert "| <GALAXY> | 7 | 1 |" in card and "| <GENERAL> | 2 | 0 |" in card and "9 training and\n1 holdout" in card
+    assert "| `<GALAXY>` | 7 | 1 |" in card and "| `<GENERAL>` | 2 | 0 |" in card and "9 training and\n1 holdout" in card
     assert "| optimizer steps | 32 (epoch 2.0) |" in card and "| holdout loss | 3.2100 |" in card
     assert "Test CPU, 2 threads" in card and "2.5 min of training" in card and "LoRA r=4, alpha=32" in card
     import peft
