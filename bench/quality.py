@@ -95,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seed-data", type=Path, default=REPO.parent / "shared" / "seed-data")
     parser.add_argument("--only", choices=["galaxy", "hea"])
-    parser.add_argument("--hea-steps", type=int, default=60)
+    parser.add_argument("--hea-steps", type=int, default=40)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     results = []

@@ -184,6 +184,14 @@ class SweepConfig(_Section):
     enabled: bool = Field(
         True, description="python -m jobs.pipeline runs this sweep; false: one training run with the config as is."
     )
+    rank_by: Literal[
+        "metric", "exact_match", "token_f1", "rouge_l", "bleu", "similarity", "similarity_match_accuracy"
+    ] = Field(
+        "metric",
+        description="'metric': the best trial by sweep.metric wins. A generation metric: the rank_top_k best "
+        "trials by sweep.metric answer the holdout split (greedy, as jobs.evaluate does) and the highest score wins.",
+    )
+    rank_top_k: int = Field(3, ge=1, description="Trials that answer the holdout split when rank_by is not 'metric'.")
     early_stopping: bool = Field(True, description="ASHA: stop trials whose holdout metric trails the others'.")
     grace_period: int = Field(
         0, ge=0, description="Optimizer steps before ASHA may stop a trial; 0: the first evaluation (eval_every)."

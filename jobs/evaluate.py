@@ -53,12 +53,9 @@ def run_evaluate(
     assert check.data is not None
     directory, registry_name = _resolve(cfg, adapter)
     examples = check.data.holdout_examples
-    rows = [
-        {"i": i, "prompt": build_prompt(ex, cfg.data.template, check.tokenizer), "reference": ex["completion"]}
-        for i, ex in enumerate(examples)
-    ]
+    rows = holdout_prompts(cfg, check)
     ray = start_ray(dashboard=False)
-    answers = _generate(cfg, directory, rows, workers)
+    answers = generate_answers(cfg, directory, rows, workers)
     holdout_loss = ray.remote(_holdout_loss).options(**_resources(cfg))
     loss = ray.get(holdout_loss.remote(cfg.model_dump(), directory, check.data.holdout_rows))
     report = score(examples, answers, loss)
@@ -66,6 +63,14 @@ def run_evaluate(
     report["generation"] = {"temperature": 0, "max_tokens": cfg.serve.default_max_tokens}
     path = _write(cfg, directory, registry_name, report)
     return EvalOutcome(report, path)
+
+
+def holdout_prompts(cfg: Config, check: Any) -> list[dict[str, Any]]:
+    """The holdout split as generation rows: index, prompt (the training formatter's) and reference answer."""
+    return [
+        {"i": i, "prompt": build_prompt(ex, cfg.data.template, check.tokenizer), "reference": ex["completion"]}
+        for i, ex in enumerate(check.data.holdout_examples)
+    ]
 
 
 def _resolve(cfg: Config, adapter: str) -> tuple[str, str | None]:
@@ -81,7 +86,13 @@ def _resources(cfg: Config) -> dict[str, Any]:
     return {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": cfg.train.cpus_per_worker}
 
 
-def _generate(cfg: Config, directory: str, rows: list[dict[str, Any]], workers: int) -> dict[int, Any]:
+def generate_answers(
+    cfg: Config, directory: str, rows: list[dict[str, Any]], workers: int = 1, with_base: bool = True
+) -> dict[int, tuple[str | None, str]]:
+    """Greedy answers to ``rows`` (from :func:`holdout_prompts`) by row index: (base model's, adapter's).
+
+    Without ``with_base`` only the adapter answers (the base's answer is None).
+    """
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -89,20 +100,20 @@ def _generate(cfg: Config, directory: str, rows: list[dict[str, Any]], workers: 
         ray.data.from_items(rows)
         .map_batches(
             Answerer,
-            fn_constructor_kwargs={"config": cfg.model_dump(), "directory": directory},
+            fn_constructor_kwargs={"config": cfg.model_dump(), "directory": directory, "with_base": with_base},
             batch_size=BATCH,
             concurrency=workers,
             **_resources(cfg),
         )
         .take_all()
     )
-    return {int(r["i"]): (str(r["base"]), str(r["tuned"])) for r in answered}
+    return {int(r["i"]): (str(r["base"]) if with_base else None, str(r["tuned"])) for r in answered}
 
 
 class Answerer:
     """A Ray Data actor: the base model with the adapter, answering each prompt with and without it."""
 
-    def __init__(self, config: dict[str, Any], directory: str):
+    def __init__(self, config: dict[str, Any], directory: str, with_base: bool = True):
         import torch
 
         from jobs.generate import AdapterSet, load_inference_model
@@ -116,12 +127,16 @@ class Answerer:
         self.adapters = AdapterSet(load_inference_model(cfg.model, self.device))
         self.adapters.load(ADAPTER, directory)
         self.max_tokens = cfg.serve.default_max_tokens
+        self.with_base = with_base
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         from jobs.generate import BASE, Sampling, generate_text
 
         prompts = [str(p) for p in batch["prompt"]]
         greedy = Sampling(max_tokens=self.max_tokens, temperature=0)
+        if not self.with_base:
+            tuned = generate_text(self.adapters.model, self.tokenizer, prompts, greedy, [ADAPTER] * len(prompts))
+            return {"i": batch["i"], "base": [""] * len(prompts), "tuned": tuned}
         names = [BASE] * len(prompts) + [ADAPTER] * len(prompts)
         texts = generate_text(self.adapters.model, self.tokenizer, prompts + prompts, greedy, names)
         return {"i": batch["i"], "base": texts[: len(prompts)], "tuned": texts[len(prompts) :]}

@@ -25,10 +25,16 @@ class TrialRecord:
     checkpoint: str | None = None  # the best checkpoint's path in run storage
     error: str | None = None
     best_step: int = 0  # the step of that checkpoint
+    generation: float | None = None  # its holdout answers' score under sweep.rank_by, when ranked so
 
     @property
     def label(self) -> str:
         return f"r={self.r} lr={self.lr:.1e}"
+
+    @property
+    def params(self) -> dict[str, float]:
+        """The trial's hyperparameters, as ``tune.space.trial_config`` takes them."""
+        return {"r": self.r, "alpha": self.alpha, "lr": self.lr, "dropout": self.dropout}
 
 
 COLUMNS = ("trial", "rank", "alpha", "lr", "dropout", "steps", "best", "status")
@@ -36,6 +42,8 @@ COLUMNS = ("trial", "rank", "alpha", "lr", "dropout", "steps", "best", "status")
 
 def _row(t: TrialRecord) -> list[str]:
     best = "-" if t.best is None else f"{t.best:.4f}"
+    if t.generation is not None:
+        best += f" (answers {t.generation:.4f})"
     status = t.status + (f": {t.error}" if t.error else "")
     return [t.trial_id, str(t.r), f"{t.alpha:g}", f"{t.lr:.2e}", f"{t.dropout:g}", str(t.steps), best, status]
 
@@ -60,9 +68,11 @@ def write(records: list[TrialRecord], directory: Path, metric: str, best_id: str
     paths = {"csv": directory / "trials.csv", "json": directory / "trials.json", "png": directory / "sweep.png"}
     with paths["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial_id", "r", "alpha", "lr", "dropout", "steps", f"best_{metric}", "status", "error"])
+        writer.writerow(["trial_id", "r", "alpha", "lr", "dropout", "steps", f"best_{metric}", "status", "error",
+                         "generation_score"])  # fmt: skip
         for t in records:
-            writer.writerow([t.trial_id, t.r, t.alpha, t.lr, t.dropout, t.steps, t.best, t.status, t.error or ""])
+            writer.writerow([t.trial_id, t.r, t.alpha, t.lr, t.dropout, t.steps, t.best, t.status, t.error or "",
+                             "" if t.generation is None else t.generation])  # fmt: skip
     payload = {"metric": metric, "best_trial": best_id, "trials": [asdict(t) for t in records]}
     paths["json"].write_text(json.dumps(payload, indent=2))
     plot(records, paths["png"], metric, best_id)

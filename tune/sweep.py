@@ -138,6 +138,8 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     records = [_record(result, cfg, total) for result in grid]
     scored = [t for t in records if t.best is not None and t.checkpoint]
     best = (min if cfg.sweep.mode == "min" else max)(scored, key=lambda t: t.best) if scored else None
+    if best is not None and cfg.sweep.rank_by != "metric":
+        best = rank_by_answers(cfg, check, scored, storage)
     records.sort(key=lambda t: (t.best is None, (t.best or 0) * (1 if cfg.sweep.mode == "min" else -1)))
     with tempfile.TemporaryDirectory() as staging:
         report.write(records, Path(staging), cfg.sweep.metric, best and best.trial_id)
@@ -147,6 +149,36 @@ def run_sweep(cfg: Config) -> SweepOutcome:
         raise SweepError(f"no trial produced a checkpoint; see the errors above and the trial logs under {path}")
     location = register_best(cfg, best, check, storage, path)
     return SweepOutcome(records, best, location, cfg.run.name, f"{path}/{REPORT_DIR}", path, cfg.sweep.metric)
+
+
+def rank_by_answers(cfg: Config, check: Any, scored: list[report.TrialRecord], storage: str) -> report.TrialRecord:
+    """The trial whose answers to the holdout split score highest under ``sweep.rank_by``.
+
+    The ``sweep.rank_top_k`` best trials by ``sweep.metric`` answer (greedy, ``serve.default_max_tokens``,
+    through the evaluation job's Ray Data path) from their best checkpoints; each one's score is recorded.
+    """
+    import ray.train
+
+    from jobs.evaluate import SIMILARITY_THRESHOLD, generate_answers, holdout_prompts
+    from jobs.loop import ADAPTER_DIR
+    from jobs.metrics import Similarity, summarize
+
+    candidates = sorted(scored, key=lambda t: t.best if cfg.sweep.mode == "min" else -t.best)[: cfg.sweep.rank_top_k]
+    rows = holdout_prompts(cfg, check)
+    references = [row["reference"] for row in rows]
+    similarity = Similarity()
+    filesystem, _ = filesystem_of(storage)
+    for trial in candidates:
+        checkpoint = ray.train.Checkpoint(trial.checkpoint, filesystem=filesystem)
+        with checkpoint.as_directory() as directory:
+            answers = generate_answers(trial_config(cfg, trial.params), str(Path(directory) / ADAPTER_DIR), rows,
+                                       with_base=False)  # fmt: skip
+        tuned = [answers[i][1] for i in range(len(rows))]
+        scores = summarize(tuned, references, similarity.scores(tuned, references), SIMILARITY_THRESHOLD)
+        trial.generation = scores[cfg.sweep.rank_by]
+        log.info("trial %s (%s): holdout answers %s %.4f", trial.trial_id, trial.label, cfg.sweep.rank_by,
+                 trial.generation)  # fmt: skip
+    return max(candidates, key=lambda t: t.generation)
 
 
 def _fit(tuner: Any) -> Any:
@@ -238,11 +270,13 @@ def register_best(cfg: Config, best: report.TrialRecord, check: Any, storage: st
     """Copy the best trial's best checkpoint into the registry with a manifest; returns its location."""
     import ray.train
 
-    trial = trial_config(cfg, {"r": best.r, "alpha": best.alpha, "lr": best.lr, "dropout": best.dropout})
+    trial = trial_config(cfg, best.params)
     filesystem, _ = filesystem_of(storage)
     checkpoint = ray.train.Checkpoint(best.checkpoint, filesystem=filesystem)
     with checkpoint.as_directory() as directory:  # the metrics reported with this very checkpoint
         metrics = json.loads((Path(directory) / STATE_FILE).read_text())["metrics"]
+    if best.generation is not None:
+        metrics[cfg.sweep.rank_by] = best.generation
     source = {"kind": "sweep", "path": path, "trial": best.trial_id, "checkpoint": best.checkpoint}
     return register_checkpoint(trial, checkpoint, metrics, check, source, cfg.sweep.metric, cfg.sweep.mode)
 

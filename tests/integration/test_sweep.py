@@ -26,10 +26,12 @@ def _command(model_dir, tmp_path, name, *extra):
 @pytest.mark.ray
 def test_asha_sweep_reports_trials_survives_a_failing_one_and_registers_the_best(tiny_phi_dir, tmp_path):
     # A grid of 4: ranks 2 and 4, alpha 8 or 1e30; the 1e30 trials diverge at once (a bad hyperparameter).
+    # The trials that work are then ranked by their answers to the holdout split (token F1), not their loss.
     command = _command(
         tiny_phi_dir, tmp_path, "small", "sweep.search=grid", "sweep.ranks=[2,4]", "sweep.lr_grid=[0.003]",
         "sweep.alphas=[8,1e30]", "sweep.num_samples=1", "train.max_steps=6", "train.eval_every=2",
-        "sweep.grace_period=2", "sweep.reduction_factor=2",
+        "sweep.grace_period=2", "sweep.reduction_factor=2", "sweep.rank_by=token_f1", "sweep.rank_top_k=2",
+        "serve.default_max_tokens=4",
     )  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
@@ -44,8 +46,12 @@ def test_asha_sweep_reports_trials_survives_a_failing_one_and_registers_the_best
     assert len(ok) == 2 and all(t["status"] in ("finished", "stopped early") for t in ok)
     assert (report / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((report / "trials.json").read_text())
-    best = min(ok, key=lambda t: float(t["best_val_loss"]))
-    assert summary["best_trial"] == best["trial_id"]
+    scores = {t["trial_id"]: t["generation"] for t in summary["trials"] if t["status"] != "failed"}
+    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores.values())  # both answered and were scored
+    assert all(t["generation"] is None for t in summary["trials"] if t["status"] == "failed")
+    assert scores[summary["best_trial"]] == max(scores.values())
+    best = next(t for t in ok if t["trial_id"] == summary["best_trial"])
+    assert f"holdout answers token_f1 {scores[best['trial_id']]:.4f}" in output
     assert f"* {best['trial_id']}" in proc.stdout  # the printed table marks the winner
 
     # Tune's own results: per-trial progress and TensorBoard event files.
@@ -62,6 +68,7 @@ def test_asha_sweep_reports_trials_survives_a_failing_one_and_registers_the_best
     assert manifest["source"]["trial"] == best["trial_id"]
     assert manifest["lora"]["r"] == int(best["r"]) and manifest["lora"]["alpha"] == 8
     assert manifest["metrics"]["val_loss"] == pytest.approx(float(best["best_val_loss"]))
+    assert manifest["metrics"]["token_f1"] == pytest.approx(scores[best["trial_id"]])
     assert manifest["dataset"]["fingerprint"].startswith("sha256:")
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {
         p.name for p in Path(entry.uri).iterdir()
