@@ -156,11 +156,6 @@ class RunConfig(_Section):
     name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Stable run name.")
     storage_path: str = Field("runs", description="Local directory or URI (s3://, gs://) for checkpoints.")
     registry: str = Field("artifacts/registry", description="Directory or URI of the adapter registry.")
-    local_dashboard: bool = Field(
-        False,
-        description="Start the Ray dashboard with a local Ray that a job starts for itself (it cost 18% of "
-        "training throughput on 2 cores). A cluster keeps its own dashboard either way.",
-    )
 
 
 class SweepConfig(_Section):

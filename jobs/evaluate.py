@@ -54,7 +54,7 @@ def run_evaluate(
     directory, registry_name = _resolve(cfg, adapter)
     examples = check.data.holdout_examples
     rows = holdout_prompts(cfg, check)
-    ray = start_ray(dashboard=False)
+    ray = start_ray()
     answers = generate_answers(cfg, directory, rows, workers)
     holdout_loss = ray.remote(_holdout_loss).options(**_resources(cfg))
     loss = ray.get(holdout_loss.remote(cfg.model_dump(), directory, check.data.holdout_rows))

@@ -98,8 +98,7 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
     stage, done = "preflight", {}
     try:
         cfg, check = prepare_run(cfg)
-        # The sweep needs the dashboard (Ray Train frees a stopped trial's resources through its State API).
-        ray = start_ray(dashboard=cfg.sweep.enabled or cfg.run.local_dashboard)
+        ray = start_ray()
         state = PipelineState.load(cfg, storage_path(cfg, ray))
         done = state.finished
         stage = "train"

@@ -105,7 +105,7 @@ def run_train(cfg: Config, prepared: tuple[Config, PreflightResult] | None = Non
     import ray.train
 
     cfg, check = prepared or prepare_run(cfg)
-    ray = start_ray(cfg.run.local_dashboard)
+    ray = start_ray()
     storage = storage_path(cfg, ray)
     trainer = build_trainer(cfg, check.data.train_rows, check.data.holdout_rows, storage, cfg.run.name)
     try:
@@ -210,16 +210,20 @@ def best_checkpoint(result: Any) -> tuple[Any, dict[str, Any]]:
     return best, metrics
 
 
-def start_ray(dashboard: bool) -> Any:
-    """Connect to the cluster (``RAY_ADDRESS``, or the job's under ``ray job submit``) or start a local Ray."""
+def start_ray() -> Any:
+    """Connect to the cluster (``RAY_ADDRESS``, or the job's under ``ray job submit``) or start a local Ray.
+
+    A local Ray always gets its dashboard: it serves the State API, through which Ray Train's placement-group
+    cleaner checks that a run's controller is alive. Without it that check fails, and after a few minutes the
+    cleaner may take a run for dead and remove its workers (seen on a 124-step run); a sweep also needs it to
+    release the resources of the trials ASHA stops.
+    """
     import ray
 
     if ray.is_initialized():
         return ray
-    # No address: connect to RAY_ADDRESS or the job's cluster if there is one, else start a local Ray
-    # (include_dashboard only applies to that local one).
     try:
-        context = ray.init(log_to_driver=True, include_dashboard=dashboard)
+        context = ray.init(log_to_driver=True, include_dashboard=True)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         reason = _last_line(err) + (f": {err.__cause__}" if err.__cause__ else "")
         raise TrainError(

@@ -27,7 +27,7 @@ def run_serve(cfg: Config) -> tuple[str, bool]:
 
     from serve.app import bind
 
-    ray = start_ray(dashboard=True)
+    ray = start_ray()
     local = bool(getattr(ray._private.worker._global_node, "head", False))
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(bind(cfg), name=APP_NAME, route_prefix="/", blocking=False)

@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
 from ray import serve
 
 from jobs.artifacts import Registry, RegistryError
-from jobs.config import Config, ConfigError, from_dict, load_config
+from jobs.config import ConfigError, DataConfig, from_dict
 from serve.protocol import ApiError
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs, with request ids
@@ -257,5 +259,11 @@ def _prompt_settings(directory: Path) -> PromptSettings:
     saved = directory / ADAPTER_CONFIG
     if not saved.is_file():
         return PromptSettings(format="prompt_completion", template="")  # a plain PEFT adapter: prompts as given
-    cfg: Config = load_config(saved)
-    return PromptSettings(format=cfg.data.format, template=cfg.data.template)
+    # Only the data section is read: an adapter saved by an older version, whose other settings the schema
+    # no longer knows, still serves with the prompts it was trained on.
+    try:
+        data = DataConfig.model_validate((yaml.safe_load(saved.read_text()) or {}).get("data") or {})
+    except (yaml.YAMLError, ValidationError) as err:
+        problem = f"its data section does not validate ({err}); fix or remove that file"
+        raise ConfigError(str(saved), [problem]) from None
+    return PromptSettings(format=data.format, template=data.template)

@@ -88,9 +88,7 @@ def run_sweep(cfg: Config) -> SweepOutcome:
     # rank, alpha and lr on top of this config.
     cfg, check = prepare_run(trial_config(cfg, {"r": max(cfg.sweep.ranks), "lr": cfg.sweep.lr_max}))
     assert check.data is not None
-    # Ray Train frees the resources of a trial that ASHA stopped through the State API, which the dashboard
-    # serves: without it a local sweep waits forever for the CPUs of its first stopped trial.
-    ray = start_ray(dashboard=True)
+    ray = start_ray()
     storage = storage_path(cfg, ray)
     resources, concurrency = trial_resources(cfg, ray.cluster_resources())
     total = check.optimizer_steps

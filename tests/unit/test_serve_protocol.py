@@ -89,3 +89,16 @@ def test_serve_settings_that_cannot_work_are_refused_with_the_fix():
         from_dict({"data": {"path": "x.jsonl"}, "serve": {"max_ongoing_requests": 4, "max_batch_size": 8}})
     with pytest.raises(ConfigError, match=r"min_replicas \(3\) is above max_replicas \(2\)"):
         from_dict({"data": {"path": "x.jsonl"}, "serve": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}})
+
+
+def test_an_adapter_saved_with_settings_the_schema_no_longer_has_still_serves_with_its_prompt_format(tmp_path):
+    from serve.generator import ADAPTER_CONFIG, _prompt_settings
+
+    (tmp_path / ADAPTER_CONFIG).write_text(
+        "run: {name: old, local_dashboard: false}\ndata: {path: x.json, format: context_qa, template: 'C {context} Q {question}'}\n"
+    )
+    settings = _prompt_settings(tmp_path)
+    assert (settings.format, settings.template) == ("context_qa", "C {context} Q {question}")
+    (tmp_path / ADAPTER_CONFIG).write_text("data: {path: x.json, format: tweets}\n")
+    with pytest.raises(ConfigError, match=r"(?s)data section does not validate.*tweets"):
+        _prompt_settings(tmp_path)
