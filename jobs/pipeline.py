@@ -34,7 +34,16 @@ from typing import Any
 from data.templates import messages_for
 from jobs.artifacts import RegistryError
 from jobs.config import Config, ConfigError, changed_keys, config_from_cli
-from jobs.train import TrainError, filesystem_of, prepare_run, register_checkpoint, run_train, start_ray, storage_path
+from jobs.train import (
+    TrainError,
+    filesystem_of,
+    prepare_run,
+    register_checkpoint,
+    registered_by,
+    run_train,
+    start_ray,
+    storage_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +112,7 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
         done = state.finished
         stage = "train"
         if _starting(stage, state):
-            state.done(stage, _train(cfg, check))
+            state.done(stage, _train(cfg, check, f"{storage_path(cfg, ray).rstrip('/')}/{cfg.run.name}"))
         stage = "evaluate"
         if _starting(stage, state):
             from jobs.evaluate import run_evaluate, table
@@ -118,7 +127,9 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
         stage = "smoke"
         assert check.data is not None
         answer = smoke_query(cfg, url, messages_for(check.data.holdout_examples[0]))
-    except (ConfigError, TrainError, RegistryError, StageError, RuntimeError, OSError) as err:
+    except Exception as err:
+        if not isinstance(err, (ConfigError, TrainError, RegistryError, StageError, OSError)):
+            log.exception("stage %s: unexpected error", stage)  # a bug: keep its traceback for the report
         finished = [s for s in STAGES if s in done]
         kept = f"finished stages kept: {', '.join(finished)}; " if finished else ""
         raise StageError(
@@ -138,15 +149,16 @@ def _starting(stage: str, state: PipelineState) -> bool:
     return True
 
 
-def _train(cfg: Config, check: Any) -> dict[str, Any]:
-    """The sweep, or one training run registered as the sweep would register its best trial."""
+def _train(cfg: Config, check: Any, run_dir: str) -> dict[str, Any]:
+    """The sweep, or one training run (in ``run_dir``) registered as the sweep registers its best trial."""
     if cfg.sweep.enabled:
         from tune.sweep import run_sweep
 
         sweep = run_sweep(cfg)
         return {"adapter": sweep.adapter, "logdir": sweep.path, "best": sweep.best.label, "tensorboard": True}
+    registered_by(cfg, run_dir)  # a registry name another run holds: refused now, not after training
     outcome = run_train(cfg, prepared=(cfg, check))
-    source = {"kind": "train", "path": outcome.run_path}
+    source = {"kind": "train", "path": run_dir}
     uri = register_checkpoint(cfg, outcome.checkpoint, outcome.metrics, check, source)
     return {"adapter": uri, "logdir": outcome.run_path, "tensorboard": False}
 

@@ -4,8 +4,9 @@
 
 ``build_app`` reads the run config (``serve`` section) and binds two deployments:
 
-- ``Api`` (this module): FastAPI routes ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` and
-  ``/healthz``; API keys; OpenAI-shaped errors; the request timeout. It holds no model and imports no torch.
+- ``Api`` (this module): FastAPI routes ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
+  ``/healthz`` and the chat page at ``/`` (``serve/static/``); API keys; OpenAI-shaped errors; the request
+  timeout. It holds no model and imports no torch.
 - ``Generator`` (``serve.generator``): the base model, the adapters and the batching, autoscaled.
 
 The ingress resolves the request's ``model`` (an adapter name, or the registry's best) against the registry
@@ -26,10 +27,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs.artifacts import Registry, RegistryError, base_key
 from jobs.config import Config, ConfigError, from_dict, load_config, pin_local_paths
@@ -51,6 +53,8 @@ log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs, wit
 # see real classes (Request, the request bodies), not strings, to tell a body from a query parameter.
 
 KEYS_VARIABLE = "QLORA_RAY_API_KEYS"
+STATIC = Path(__file__).parent / "static"
+PAGE_FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}  # what /static/ serves, and nothing else
 RETRY_AFTER_S = 1
 
 api = FastAPI(title="qlora-ray", description="OpenAI-compatible completions from fine-tuned LoRA adapters.")
@@ -69,6 +73,13 @@ async def _unexpected(_request: Request, err: Exception) -> JSONResponse:
     log.exception("request failed")  # the traceback stays in the server log; the client gets the error's shape
     failure = ApiError(500, f"internal error ({type(err).__name__}); the server log has the details")
     return JSONResponse(failure.body(), status_code=500)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes (404) and wrong methods (405), in the same error shape as every other answer."""
+    failure = ApiError(err.status_code, f"{err.detail}: see GET /v1/models, POST /v1/chat/completions, / for the chat")
+    return JSONResponse(failure.body(), status_code=err.status_code, headers=getattr(err, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
@@ -120,6 +131,17 @@ class Api:
         self.keys = api_keys(self.cfg)
         self.base = self.cfg.model.name_or_path
         log.info("API ready: auth %s, registry %s", "on" if self.keys else "off", self.registry.location)
+
+    @api.get("/")
+    async def page(self) -> FileResponse:
+        """The chat page (no auth: it asks for the key itself, and every API call it makes carries it)."""
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @api.get("/static/{name}")
+    async def static(self, name: str) -> FileResponse:
+        if name not in PAGE_FILES:
+            raise ApiError(404, f"no static file {name!r}")
+        return FileResponse(STATIC / name, media_type=PAGE_FILES[name])
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:

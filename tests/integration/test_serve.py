@@ -86,6 +86,21 @@ def test_health_models_and_auth(app):
     assert _post(app, "/v1/completions", {"prompt": PROMPT}, key=None).status_code == 401
 
 
+def test_the_chat_page_and_its_files_are_served_without_a_key(app):
+    page = requests.get(f"{app}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for needed in ('<label for="question"', '<label for="adapter"', '<label for="api-key"', 'role="log"',
+                   "/static/chat.js", "/static/chat.css"):  # fmt: skip
+        assert needed in page.text
+    script = requests.get(f"{app}/static/chat.js", timeout=10)
+    assert script.status_code == 200 and "text/javascript" in script.headers["content-type"]
+    assert "/v1/chat/completions" in script.text and "sessionStorage" in script.text
+    assert requests.get(f"{app}/static/chat.css", timeout=10).headers["content-type"].startswith("text/css")
+    for other in ("app.py", "..%2Fapp.py", "index.html"):  # only the page's own files, nothing else
+        missing = requests.get(f"{app}/static/{other}", timeout=10)
+        assert missing.status_code == 404 and "error" in missing.json()
+
+
 def test_completion_json_and_stream_agree(app):
     body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
     whole = _post(app, "/v1/completions", body)
