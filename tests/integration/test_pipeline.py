@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,14 @@ def head(tmp_path):
 def _submit(head, args: list[str], log: Path, succeed: bool = True) -> str:
     command = [*head["ray"], "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
                "--", "python", "-m", "jobs.pipeline", *args]  # fmt: skip
-    proc = subprocess.run(command, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
+    deadline = time.monotonic() + 120
+    while True:
+        proc = subprocess.run(command, cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=900)
+        output = proc.stdout + proc.stderr
+        # A cluster that has just started may not have its job agent up yet: the job was not submitted.
+        if "No available agent to submit job" not in output or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     log.write_text(output)
     assert (proc.returncode == 0 and "succeeded" in output) == succeed, output[-6000:]
     return output
