@@ -133,13 +133,12 @@ class Answerer:
         from jobs.generate import BASE, Sampling, generate_text
 
         prompts = [str(p) for p in batch["prompt"]]
+        n = len(prompts)
         greedy = Sampling(max_tokens=self.max_tokens, temperature=0)
-        if not self.with_base:
-            tuned = generate_text(self.adapters.model, self.tokenizer, prompts, greedy, [ADAPTER] * len(prompts))
-            return {"i": batch["i"], "base": [""] * len(prompts), "tuned": tuned}
-        names = [BASE] * len(prompts) + [ADAPTER] * len(prompts)
-        texts = generate_text(self.adapters.model, self.tokenizer, prompts + prompts, greedy, names)
-        return {"i": batch["i"], "base": texts[: len(prompts)], "tuned": texts[len(prompts) :]}
+        sides = [BASE, ADAPTER] if self.with_base else [ADAPTER]  # one batch: base rows run with the adapter off
+        texts = generate_text(self.adapters.model, self.tokenizer, prompts * len(sides), greedy,
+                              [side for side in sides for _ in prompts])  # fmt: skip
+        return {"i": batch["i"], "base": texts[:n] if self.with_base else [""] * n, "tuned": texts[-n:]}
 
 
 def _holdout_loss(config: dict[str, Any], directory: str, rows: list[dict[str, Any]]) -> dict[str, float]:

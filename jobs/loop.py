@@ -127,7 +127,7 @@ def train(
     total = total_steps(cfg, per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     step, best, seconds_before = 0, math.inf, 0.0
-    started = time.perf_counter()
+    started, machine = time.perf_counter(), hardware(dist.device)
     if resume_dir:
         step, best, seconds_before = _load_state(resume_dir, peft_model, optimizer, scheduler, dist)
         log.info("resuming from step %d of %d", step, total)
@@ -157,7 +157,7 @@ def train(
             metrics = window.metrics(step, epoch + (offset + 1) / per_epoch, scheduler.get_last_lr()[0], dist)
             metrics.update(evaluate(model, holdout, tokenizer, cfg, dist, autocast))
             metrics["train_seconds"] = seconds_before + time.perf_counter() - started  # across resumes
-            metrics["hardware"] = hardware(dist.device)
+            metrics["hardware"] = machine
             model.train()
             best = min(best, metrics["val_loss"])
             save_due = not cfg.train.save_every or step % cfg.train.save_every == 0 or step == total

@@ -107,12 +107,12 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
     stage, done = "preflight", {}
     try:
         cfg, check = prepare_run(cfg)
-        ray = start_ray()
-        state = PipelineState.load(cfg, storage_path(cfg, ray))
+        storage = storage_path(cfg, start_ray())
+        state = PipelineState.load(cfg, storage)
         done = state.finished
         stage = "train"
         if _starting(stage, state):
-            state.done(stage, _train(cfg, check, f"{storage_path(cfg, ray).rstrip('/')}/{cfg.run.name}"))
+            state.done(stage, _train(cfg, check, f"{storage.rstrip('/')}/{cfg.run.name}"))
         stage = "evaluate"
         if _starting(stage, state):
             from jobs.evaluate import run_evaluate, table
@@ -155,7 +155,7 @@ def _train(cfg: Config, check: Any, run_dir: str) -> dict[str, Any]:
         from tune.sweep import run_sweep
 
         sweep = run_sweep(cfg)
-        return {"adapter": sweep.adapter, "logdir": sweep.path, "best": sweep.best.label, "tensorboard": True}
+        return {"adapter": sweep.adapter, "logdir": sweep.path, "tensorboard": True}
     registered_by(cfg, run_dir)  # a registry name another run holds: refused now, not after training
     outcome = run_train(cfg, prepared=(cfg, check))
     source = {"kind": "train", "path": run_dir}
