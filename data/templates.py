@@ -49,6 +49,21 @@ def messages_for(example: dict[str, Any]) -> list[dict[str, str]]:
     return [*context, {"role": "user", "content": example["question"]}]
 
 
+def question_of(example: dict[str, Any]) -> tuple[str, str]:
+    """What an example asks, as (context, question): the prompt, the question, or a chat's last user message.
+
+    The context is the passage of ``context_qa`` and ``alpaca`` rows; a chat's system messages are instructions,
+    not a passage, so chats have none.
+    """
+    fmt = example["format"]
+    if fmt == "chat":
+        users = [m["content"] for m in example["messages"] if m["role"] == "user"]
+        return "", users[-1] if users else ""
+    if fmt == "prompt_completion":
+        return "", example["prompt"]
+    return example.get("context") or "", example["question"]
+
+
 def example_from_messages(messages: list[dict[str, str]], fmt: str) -> dict[str, Any]:
     """A chat request's messages as the normalised example of a model trained on ``fmt`` rows.
 

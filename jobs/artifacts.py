@@ -43,12 +43,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.fs
+import yaml
+from pydantic import ValidationError
 
-from jobs.config import Config, ConfigError, RunConfig, load_config
+from jobs.config import Config, ConfigError, DataConfig, RunConfig, load_config
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+ADAPTER_CONFIG = "qlora_ray_config.yaml"  # the run config saved beside a trained adapter
 NAME_RULE = "1-128 letters, digits, '-', '_' or '.', starting with a letter or digit, and no '..'"
 NAME_EXAMPLE = "phi2-faq-r16-lr2e-4"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -433,6 +436,22 @@ def _project_version() -> str:
         return importlib.metadata.version("qlora-ray")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def saved_data_config(directory: str | Path) -> DataConfig | None:
+    """The data settings an adapter was trained with, from the run config saved beside it (``ADAPTER_CONFIG``).
+
+    None for a plain PEFT adapter, which has no such file. Only the data section is read: an adapter saved by
+    an older version, whose other settings the schema no longer knows, still serves with its prompts and data.
+    """
+    saved = Path(directory) / ADAPTER_CONFIG
+    if not saved.is_file():
+        return None
+    try:
+        return DataConfig.model_validate((yaml.safe_load(saved.read_text()) or {}).get("data") or {})
+    except (yaml.YAMLError, ValidationError) as err:
+        problem = f"its data section does not validate ({err}); fix or remove that file"
+        raise ConfigError(str(saved), [problem]) from None
 
 
 def dataset_fingerprint(path: str) -> str:

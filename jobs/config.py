@@ -236,6 +236,44 @@ class AutoscalingConfig(_Section):
         return self
 
 
+DEFAULT_DECLINE_MESSAGE = (
+    "I can only answer questions about the topics I was trained on, and this one seems to be outside them. "
+    "Please ask about those topics."
+)
+
+
+class GroundingConfig(_Section):
+    enabled: bool = Field(
+        False, description="Ground chat answers in the adapter's training Q&A set (stored answers, declines)."
+    )
+    adapters: list[str] = Field(
+        default_factory=list, description="Adapters to ground when enabled; empty: every adapter."
+    )
+    exact_threshold: float = Field(
+        0.9, gt=0, le=1, description="A question this similar (cosine, all-MiniLM-L6-v2) to a stored one gets its "
+        "stored answer.",
+    )
+    domain_threshold: float = Field(
+        0.5, ge=-1, le=1, description="A question less similar than this to every stored one is declined.",
+    )
+    decline_message: str = Field(
+        DEFAULT_DECLINE_MESSAGE, min_length=1, description="The reply to a question outside the Q&A set's topics."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GroundingConfig:
+        if self.domain_threshold > self.exact_threshold:
+            raise ValueError(
+                f"domain_threshold ({self.domain_threshold}) is above exact_threshold ({self.exact_threshold}): "
+                "lower domain_threshold (questions between the two are answered by the model)"
+            )
+        return self
+
+    def covers(self, adapter: str) -> bool:
+        """Whether answers of ``adapter`` are grounded."""
+        return self.enabled and (not self.adapters or adapter in self.adapters)
+
+
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
@@ -271,6 +309,10 @@ class ServeConfig(_Section):
         "<key>'. The QLORA_RAY_API_KEYS variable (comma-separated) adds keys.",
     )
     log_prompts: bool = Field(False, description="Log prompts and answers (off: only sizes and timings are logged).")
+    grounding: GroundingConfig = Field(
+        default_factory=GroundingConfig,
+        description="Answers from the adapter's training Q&A set for known questions, a decline for unrelated ones.",
+    )
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ServeConfig:

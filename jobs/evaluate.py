@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.templates import build_prompt
+from data.templates import build_prompt, question_of
 from jobs.artifacts import Registry, RegistryError
 from jobs.config import Config, ConfigError, config_from_cli, from_dict
 from jobs.train import TrainError, prepare_run, start_ray
@@ -189,16 +189,10 @@ def score(examples: list[dict[str, Any]], answers: dict[int, Any], loss: dict[st
         report["groups"]["overall"][side]["holdout_loss"] = loss[side]
         report["groups"]["overall"][side]["holdout_perplexity"] = math.exp(min(loss[side], 50.0))
     report["examples"] = [
-        {"question": _question(examples[i]), "reference": refs[i], "base": base[i], "tuned": tuned[i]}
+        {"question": question_of(examples[i])[1], "reference": refs[i], "base": base[i], "tuned": tuned[i]}
         for i in range(min(EXAMPLES, len(examples)))
     ]
     return report
-
-
-def _question(example: dict[str, Any]) -> str:
-    if example["format"] == "chat":
-        return example["messages"][-1]["content"]
-    return example.get("question") or example.get("prompt") or ""
 
 
 def _write(cfg: Config, directory: str, registry_name: str | None, report: dict[str, Any]) -> str:

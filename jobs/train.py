@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from data.templates import build_prompt
+from jobs.artifacts import ADAPTER_CONFIG
 from jobs.config import Config, ConfigError, config_from_cli, from_dict, pin_local_paths
 from jobs.loop import ADAPTER_DIR, Dist, seed_everything, train
 from jobs.model import attach_lora, load_model, load_tokenizer
@@ -272,7 +273,7 @@ def stage_adapter(
     out = Path(staging) / ADAPTER_DIR
     with checkpoint.as_directory() as source:
         shutil.copytree(Path(source) / ADAPTER_DIR, out)
-    (out / "qlora_ray_config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    (out / ADAPTER_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     (out / "README.md").write_text(model_card(cfg, metrics, base, home, sample_prompt(cfg, check), rows))

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jobs.artifacts import Registry, RegistryError, base_key
 from jobs.config import Config, ConfigError, from_dict, load_config, pin_local_paths
 from serve.generator import Generator
+from serve.grounding import MODEL
 from serve.protocol import (
     ApiError,
     ChatRequest,
@@ -56,6 +57,7 @@ KEYS_VARIABLE = "QLORA_RAY_API_KEYS"
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}  # what /static/ serves, and nothing else
 RETRY_AFTER_S = 1
+ANSWER_SOURCE_HEADER = "x-answer-source"  # stored | model | declined
 
 api = FastAPI(title="qlora-ray", description="OpenAI-compatible completions from fine-tuned LoRA adapters.")
 
@@ -186,16 +188,22 @@ class Api:
         deadline = time.monotonic() + self.cfg.serve.request_timeout_s
         chunks = self._chunks(name, job, deadline)
         first = await _first(chunks)  # errors before the first token become HTTP errors
+        source = first.get("source", MODEL)  # which path answers (serve.grounding): a header and a body field
+        headers = {ANSWER_SOURCE_HEADER: source}
+
+        def sourced(*args: Any) -> dict[str, Any]:
+            return {**shape(*args), "answer_source": source}
+
         if body.stream:
             with_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._events(rid, name, first, chunks, shape, with_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
+            events = self._events(rid, name, first, chunks, sourced, with_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         text, last = first["text"], first
         async for chunk in chunks:
             text, last = text + chunk["text"], chunk
         log.info("%s %s: %d prompt + %d completion tokens", rid, name, last["prompt_tokens"], last["completion_tokens"])
         counts = usage(last["prompt_tokens"], last["completion_tokens"])
-        return shape(rid, name, text, last["finish_reason"], False, counts)
+        return JSONResponse(sourced(rid, name, text, last["finish_reason"], False, counts), headers=headers)
 
     async def _events(
         self,

@@ -26,18 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
 from ray import serve
 
-from jobs.artifacts import Registry, RegistryError
-from jobs.config import ConfigError, DataConfig, from_dict
+from data.formats import DataError
+from jobs.artifacts import Registry, RegistryError, saved_data_config
+from jobs.config import ConfigError, from_dict
+from serve.grounding import MODEL, GroundingError, QASet, training_examples
 from serve.protocol import ApiError
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs, with request ids
-
-ADAPTER_CONFIG = "qlora_ray_config.yaml"
-
 
 @dataclass
 class PromptSettings:
@@ -93,6 +90,8 @@ class Generator:
         self.tokenizer = load_tokenizer(self.cfg.model)
         self.adapters = AdapterSet(load_inference_model(self.cfg.model, self.device))
         self.prompts: dict[str, PromptSettings] = {}
+        self.qa_sets: dict[str, QASet] = {}  # grounded adapters' Q&A sets (serve.grounding)
+        self.embedder: Any = None  # all-MiniLM-L6-v2, loaded with the first Q&A set
         self.in_use: Counter[str] = Counter()
         self.dropped: set[str] = set()  # evicted while a batch still used them: unloaded when it ends
 
@@ -112,6 +111,7 @@ class Generator:
         steps = list(self.step_seconds)
         return {
             "base_model": self.cfg.model.name_or_path, "device": self.device, "adapters": sorted(self.prompts),
+            "grounded": {name: len(qa) for name, qa in sorted(self.qa_sets.items())},
             "recent_steps": len(steps), "mean_rows_per_step": sum(r for r, _ in steps) / max(len(steps), 1),
             "mean_step_seconds": sum(t for _, t in steps) / max(len(steps), 1),
         }  # fmt: skip
@@ -123,8 +123,17 @@ class Generator:
         try:
             directory = self.registry.local_dir(name, self.cache)
             settings = _prompt_settings(Path(directory))
+            manifest = self.registry.get(name).manifest
         except (RegistryError, ConfigError, OSError) as err:
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
+        if self.cfg.serve.grounding.covers(name) and name not in self.qa_sets:
+            started = time.perf_counter()
+            try:
+                self.qa_sets[name] = await self._run(self._qa_set, directory, manifest)
+            except (GroundingError, ConfigError, DataError, OSError) as err:
+                raise ApiError(500, f"adapter {name!r} cannot be grounded (serve.grounding): {err}") from None
+            log.info("adapter %s grounded on %d questions in %.2f s", name, len(self.qa_sets[name]),
+                     time.perf_counter() - started)  # fmt: skip
         # Loads and unloads run on the torch thread in order, so a queued unload never undoes this load.
         started = time.perf_counter()
         try:
@@ -134,6 +143,13 @@ class Generator:
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
         self.prompts[name] = settings
         return _Loaded(self, name)
+
+    def _qa_set(self, directory: str, manifest: dict[str, Any]) -> QASet:
+        from jobs.metrics import Similarity
+
+        if self.embedder is None:
+            self.embedder = Similarity()
+        return QASet(training_examples(directory, manifest), self.embedder)
 
     def _ensure_loaded(self, name: str, directory: str) -> bool:
         if name in self.adapters.names:
@@ -150,18 +166,33 @@ class Generator:
         for name in [n for n in self.dropped if not self.in_use[n]]:
             self.dropped.discard(name)
             self.prompts.pop(name, None)
+            self.qa_sets.pop(name, None)
             self.executor.submit(self.adapters.unload, name)
             log.info("adapter %s unloaded", name)
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's completion as ``{"text", "finish_reason", ...}`` dicts."""
+        """Stream one request's completion as ``{"text", "finish_reason", "source", ...}`` dicts.
+
+        ``source`` says which path answers: the model, or (``serve.grounding``) a stored answer or a decline,
+        which arrive whole in one chunk.
+        """
         from jobs.generate import Sampling
 
         name = serve.get_multiplexed_model_id()
         await self.adapter(name)
-        prompt = self._prompt_ids(request, name)
+        example = self._example(request, name)
+        prompt = self._prompt_ids(request, example, name)
         if self.cfg.serve.log_prompts:
             log.info("prompt for %s: %r", name, self.tokenizer.decode(prompt))
+        qa = self.qa_sets.get(name)
+        if qa is not None and example is not None:
+            verdict = await self._run(qa.decide, example, self.cfg.serve.grounding)
+            log.info("grounding %s: %s (nearest question %.3f)", name, verdict.source, verdict.score)
+            if verdict.answer is not None:
+                tokens = len(self.tokenizer(verdict.answer, add_special_tokens=False)["input_ids"])
+                yield {"text": verdict.answer, "finish_reason": "stop", "completion_tokens": tokens,
+                       "prompt_tokens": len(prompt), "source": verdict.source}  # fmt: skip
+                return
         job = _Job(prompt, Sampling(**request["sampling"]), name)
         self.in_use[name] += 1
         self.waiting.append(job)
@@ -178,7 +209,8 @@ class Generator:
                     raise failed
                 last = chunks[-1]
                 yield {"text": "".join(c.text for c in chunks), "finish_reason": last.finish_reason,
-                       "completion_tokens": last.completion_tokens, "prompt_tokens": len(prompt)}  # fmt: skip
+                       "completion_tokens": last.completion_tokens, "prompt_tokens": len(prompt),
+                       "source": MODEL}  # fmt: skip
                 if last.finish_reason is not None:
                     return
         finally:
@@ -186,16 +218,27 @@ class Generator:
             self.in_use[name] -= 1
             self._unload_dropped()
 
-    def _prompt_ids(self, request: dict[str, Any], name: str) -> list[int]:
-        """The prompt's token ids, built by the formatter the adapter was trained with; too long is a 400."""
-        from data.templates import build_prompt, example_from_messages
-        from data.tokenize import encode_prompt
+    def _example(self, request: dict[str, Any], name: str) -> dict[str, Any] | None:
+        """The request as an example of the adapter's data format; None for a raw prompt in another format."""
+        from data.templates import example_from_messages
 
-        settings = self.prompts[name]
+        fmt = self.prompts[name].format
         if request.get("messages") is not None:
             try:
-                example = example_from_messages(request["messages"], settings.format)
-                text = build_prompt(example, settings.template, self.tokenizer)
+                return example_from_messages(request["messages"], fmt)
+            except ValueError as err:
+                raise ApiError(400, str(err), param="messages") from None
+        return {"format": fmt, "prompt": request["prompt"]} if fmt == "prompt_completion" else None
+
+    def _prompt_ids(self, request: dict[str, Any], example: dict[str, Any] | None, name: str) -> list[int]:
+        """The prompt's token ids, built by the formatter the adapter was trained with; too long is a 400."""
+        from data.templates import build_prompt
+        from data.tokenize import encode_prompt
+
+        if request.get("messages") is not None:
+            assert example is not None
+            try:
+                text = build_prompt(example, self.prompts[name].template, self.tokenizer)
             except ValueError as err:
                 raise ApiError(400, str(err), param="messages") from None
         else:
@@ -255,15 +298,8 @@ class Generator:
 
 
 def _prompt_settings(directory: Path) -> PromptSettings:
-    """The data format and template an adapter was trained with, from the config saved beside it."""
-    saved = directory / ADAPTER_CONFIG
-    if not saved.is_file():
-        return PromptSettings(format="prompt_completion", template="")  # a plain PEFT adapter: prompts as given
-    # Only the data section is read: an adapter saved by an older version, whose other settings the schema
-    # no longer knows, still serves with the prompts it was trained on.
-    try:
-        data = DataConfig.model_validate((yaml.safe_load(saved.read_text()) or {}).get("data") or {})
-    except (yaml.YAMLError, ValidationError) as err:
-        problem = f"its data section does not validate ({err}); fix or remove that file"
-        raise ConfigError(str(saved), [problem]) from None
+    """The data format and template an adapter was trained with (a plain PEFT adapter: prompts as given)."""
+    data = saved_data_config(directory)
+    if data is None:
+        return PromptSettings(format="prompt_completion", template="")
     return PromptSettings(format=data.format, template=data.template)

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from jobs.artifacts import Registry
+from jobs.artifacts import Registry, dataset_fingerprint
+
+# A small tagged FAQ set (the FAQ seed's shape) for grounded answers: questions a test asks, nearly or exactly.
+FAQ = [
+    ("<GALAXY>What is Galaxy Organisation?", "Galaxy Organisation is a non-profit that teaches digital skills."),
+    ("<GALAXY>Where is Galaxy Organisation based?", "Galaxy Organisation is based in Cairo, Egypt."),
+    ("<GALAXY>What environmental services does Galaxy offer?", "Galaxy recycles old electronics for free."),
+    ("<GALAXY>How can I donate to Galaxy?", "Use the donation page on the Galaxy website."),
+    ("<ALIBABA>What is Alibaba Cloud?", "Alibaba Cloud is the cloud computing arm of Alibaba Group."),
+    ("<ALIBABA>How do I open an Alibaba Cloud Academy account?", "Sign up on the Academy site with an email."),
+    ("<ALIBABA>When was Alibaba founded?", "Alibaba was founded in 1999 in Hangzhou."),
+    ("<GENERAL>Hello", "Hello! Ask me about Galaxy Organisation or Alibaba Cloud."),
+]
+FAQ_HOLDOUT_FRACTION = 0.25  # one Galaxy and one Alibaba question held out
+
+
+def write_faq(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in FAQ))
+    return path
 
 
 def make_adapter(base_dir: Path, directory: Path, seed: int, r: int = 4) -> Path:
@@ -26,11 +45,17 @@ def make_adapter(base_dir: Path, directory: Path, seed: int, r: int = 4) -> Path
     return directory
 
 
-def register_adapter(registry: Path, name: str, base_dir: Path, seed: int, val_loss: float, staging: Path) -> None:
-    """Register a test adapter trained (nominally) on ``base_dir`` with ``val_loss``, as the sweep would."""
+def register_adapter(
+    registry: Path, name: str, base_dir: Path, seed: int, val_loss: float, staging: Path, data: Path | None = None
+) -> None:
+    """Register a test adapter trained (nominally) on ``base_dir`` and ``data`` with ``val_loss``, as the sweep
+    would: the data settings beside it, the dataset's path and fingerprint in the manifest."""
     source = make_adapter(base_dir, staging / name, seed)
+    path = str(data) if data else "unused.jsonl"
     (source / "qlora_ray_config.yaml").write_text(
-        f"model:\n  name_or_path: {base_dir}\ndata:\n  path: unused.jsonl\n  format: prompt_completion\n"
+        f"model:\n  name_or_path: {base_dir}\ndata:\n  path: {path}\n  format: prompt_completion\n"
+        f"  holdout_fraction: {FAQ_HOLDOUT_FRACTION}\n"
     )
-    manifest = {"base_model": str(base_dir), "metrics": {"val_loss": val_loss}}
+    dataset = {"path": path, "format": "prompt_completion", "fingerprint": dataset_fingerprint(path)}
+    manifest = {"base_model": str(base_dir), "metrics": {"val_loss": val_loss}, "dataset": dataset}
     Registry(str(registry)).register(name, source, manifest)

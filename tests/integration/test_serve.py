@@ -14,46 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from adapters import register_adapter
-from processes import free_port, wait_for
+from processes import wait_for
+from serving import KEY, deploy, serve_cluster
 
 pytestmark = pytest.mark.ray
 
-KEY = "test-key-123"
 PROMPT = "GALAXY < what is ?"
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_phi_dir, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    home = tmp_path_factory.mktemp("serve")
-    registry = home / "registry"
-    register_adapter(registry, "faq-a", tiny_phi_dir, seed=1, val_loss=1.0, staging=home / "staging")
-    register_adapter(registry, "faq-b", tiny_phi_dir, seed=2, val_loss=2.0, staging=home / "staging")
-    (home / "keys.txt").write_text(f"# one key per line\n{KEY}\n")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield {"home": home, "registry": registry, "base": tiny_phi_dir, "url": f"http://127.0.0.1:{port}"}
-    serve.shutdown()
-    ray.shutdown()
-
-
-def deploy(cluster, *overrides: str) -> str:
-    from ray import serve
-
-    from jobs.config import load_config
-    from serve.app import bind
-
-    cfg = load_config(None, [
-        f"model.name_or_path={cluster['base']}", "data.path=unused.jsonl", f"run.registry={cluster['registry']}",
-        "serve.max_prompt_tokens=32", "serve.max_new_tokens=600", "serve.default_max_tokens=8", *overrides,
-    ])  # fmt: skip
-    serve.run(bind(cfg), name="qlora-ray", route_prefix="/", blocking=False)
-    url = cluster["url"]
-    wait_for(lambda: requests.get(f"{url}/healthz", timeout=10).status_code == 200, 120, "the app to be healthy")
-    return url
+    with serve_cluster(tmp_path_factory.mktemp("serve"), tiny_phi_dir) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +81,7 @@ def test_completion_json_and_stream_agree(app):
     assert data["object"] == "text_completion" and data["model"] == "faq-a"  # the registry's best by default
     assert data["usage"]["completion_tokens"] <= 6 and data["usage"]["prompt_tokens"] == 5
     assert data["choices"][0]["finish_reason"] in ("stop", "length")
+    assert whole.headers["x-answer-source"] == data["answer_source"] == "model"  # grounding is off by default
     streamed = _post(app, "/v1/completions", {**body, "stream": True}, stream=True)
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
     chunks = _events(streamed)

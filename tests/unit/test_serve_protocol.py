@@ -92,7 +92,8 @@ def test_serve_settings_that_cannot_work_are_refused_with_the_fix():
 
 
 def test_an_adapter_saved_with_settings_the_schema_no_longer_has_still_serves_with_its_prompt_format(tmp_path):
-    from serve.generator import ADAPTER_CONFIG, _prompt_settings
+    from jobs.artifacts import ADAPTER_CONFIG
+    from serve.generator import _prompt_settings
 
     (tmp_path / ADAPTER_CONFIG).write_text(
         "run: {name: old, local_dashboard: false}\ndata: {path: x.json, format: context_qa, template: 'C {context} Q {question}'}\n"

@@ -1,0 +1,121 @@
+"""Grounded answers: the stored answer to a known question, a polite decline for an unrelated one.
+
+An adapter's Q&A set is the training split of the data it was trained on: the registry manifest names the
+file and its fingerprint, and the split is redone from the data settings saved beside the adapter, so no
+holdout question is in it. Its questions are embedded with all-MiniLM-L6-v2 (:class:`jobs.metrics.Similarity`)
+once, when a replica loads the adapter. For each request (``serve.grounding``):
+
+- the nearest stored question scores below ``domain_threshold``: the reply is ``decline_message``;
+- a stored question with the same context (and the same leading tag, when the request has one) scores at or
+  above ``exact_threshold``: the reply is its stored answer (the first in file order among equals);
+- otherwise the model answers.
+
+Questions are compared without their leading ``<TAG>``: people type "What is Galaxy?", not
+"<GALAXY>What is Galaxy?".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data.formats import leading_tag
+from data.templates import question_of
+from jobs.config import GroundingConfig
+
+STORED, MODEL, DECLINED = "stored", "model", "declined"
+EMBED_BATCH = 256
+
+
+class GroundingError(RuntimeError):
+    """An adapter's Q&A set cannot be built; the message says what is missing and what to do."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Which path answers a question: ``source`` is stored, model or declined; ``answer`` is None for model."""
+
+    source: str
+    score: float  # cosine similarity of the nearest stored question
+    answer: str | None = None
+    nearest: str | None = None
+
+
+def _key(example: dict[str, Any]) -> tuple[str, str | None, str]:
+    """(context, leading tag, question without the tag) of an example or a request."""
+    context, question = question_of(example)
+    question = question.strip()
+    tag = leading_tag(question)
+    if tag:
+        question = question[len(tag) :].strip()
+    return context.strip(), tag, question
+
+
+class QASet:
+    """Questions and answers, with the questions' embeddings."""
+
+    def __init__(self, examples: list[dict[str, Any]], embedder: Any):
+        import torch
+
+        rows = [(_key(ex), ex["completion"]) for ex in examples]
+        rows = [(key, answer) for key, answer in rows if key[2]]
+        self.embedder = embedder
+        self.scopes = [(key[0], key[1]) for key, _ in rows]  # (context, tag)
+        self.questions = [key[2] for key, _ in rows]
+        self.answers = [answer for _, answer in rows]
+        batches = [embedder.embed(self.questions[i : i + EMBED_BATCH]) for i in range(0, len(rows), EMBED_BATCH)]
+        self.vectors = torch.cat(batches) if batches else torch.zeros(0)
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def decide(self, example: dict[str, Any], settings: GroundingConfig) -> Verdict:
+        """The path that answers ``example`` (a request in the adapter's format) under ``settings``."""
+        import torch
+
+        context, tag, question = _key(example)
+        if not self.questions or not question:
+            return Verdict(MODEL, float("nan"))
+        scores = self.vectors @ self.embedder.embed([question])[0]
+        best = int(scores.argmax())
+        top = float(scores[best])
+        if top < settings.domain_threshold:
+            return Verdict(DECLINED, top, settings.decline_message, self.questions[best])
+        same = torch.tensor([c == context and tag in (None, t) for c, t in self.scopes])
+        if bool(same.any()):
+            match = int(torch.where(same, scores, torch.full_like(scores, -2.0)).argmax())
+            if float(scores[match]) >= settings.exact_threshold:
+                return Verdict(STORED, float(scores[match]), self.answers[match], self.questions[match])
+        return Verdict(MODEL, top, None, self.questions[best])
+
+
+def training_examples(directory: str | Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The examples an adapter was trained on: the training split of the dataset its manifest names.
+
+    The file must be where training read it (a relative path is taken from this process's working directory)
+    and unchanged since (its fingerprint must match the manifest's).
+    """
+    from data.dataset import split_examples
+    from jobs.artifacts import ADAPTER_CONFIG, dataset_fingerprint, saved_data_config
+
+    data = saved_data_config(directory)
+    if data is None:
+        raise GroundingError(f"{directory} has no {ADAPTER_CONFIG}, so its training data is unknown; "
+                             "turn serve.grounding off for it, or serve an adapter trained by qlora-ray")  # fmt: skip
+    dataset = manifest.get("dataset") or {}
+    path = dataset.get("path") or data.path
+    if not Path(path).exists():
+        raise GroundingError(
+            f"its training data {path} (the manifest's dataset.path) is not on this replica (working directory "
+            f"{os.getcwd()}); make it available at that path, or turn serve.grounding off for this adapter"
+        )
+    expected, found = dataset.get("fingerprint"), dataset_fingerprint(path)
+    if expected and expected != found:
+        raise GroundingError(
+            f"its training data {path} changed since training (fingerprint {found}, manifest {expected}); "
+            "restore that file, or turn serve.grounding off for this adapter"
+        )
+    loaded, train, _ = split_examples(data.model_copy(update={"path": path}))
+    return [loaded.examples[i] for i in train]
