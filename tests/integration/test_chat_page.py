@@ -37,9 +37,12 @@ def app(tiny_phi_dir, tmp_path_factory):
     with serve_cluster(home, tiny_phi_dir) as cluster:
         faq = write_faq(home / "faq.jsonl")
         register_adapter(cluster["registry"], "faq-g", tiny_phi_dir, seed=3, val_loss=3.0, staging=home, data=faq)
+        lost = write_faq(home / "lost.jsonl")  # an adapter whose training data is gone from this machine
+        register_adapter(cluster["registry"], "faq-lost", tiny_phi_dir, seed=4, val_loss=4.0, staging=home, data=lost)
+        lost.unlink()
         yield deploy(
             cluster, f"serve.api_keys_file={home / 'keys.txt'}", "serve.default_max_tokens=16",
-            "serve.grounding.enabled=true", "serve.grounding.adapters=[faq-g]",
+            "serve.grounding.enabled=true", "serve.grounding.adapters=[faq-g,faq-lost]",
         )  # fmt: skip
 
 
@@ -83,10 +86,15 @@ def test_streamed_and_completion_requests_are_grounded_too(app):
     assert completion.json()["choices"][0]["text"] == DEFAULT_DECLINE_MESSAGE
 
 
-def test_grounding_is_per_adapter(app):
+def test_grounding_is_per_adapter_and_a_missing_q_and_a_set_is_a_clear_error(app):
     ungrounded = _chat(app, STORED_QUESTION, model="faq-a", max_tokens=4)
     assert ungrounded.status_code == 200 and ungrounded.headers["x-answer-source"] == "model"
     assert ungrounded.json()["choices"][0]["message"]["content"] != STORED_ANSWER
+    lost = _chat(app, STORED_QUESTION, model="faq-lost")
+    assert lost.status_code == 500 and "Traceback" not in lost.text
+    message = lost.json()["error"]["message"]
+    assert "'faq-lost' cannot be grounded" in message and "lost.jsonl" in message
+    assert "turn serve.grounding off for this adapter" in message
 
 
 def test_the_chat_page_in_a_real_browser(app):
@@ -110,7 +118,7 @@ def test_the_chat_page_in_a_real_browser(app):
         expect(status).to_contain_text("invalid API key")
         page.get_by_label("API key").fill(KEY)
         page.get_by_label("API key").press("Enter")
-        expect(page.locator("#adapter option")).to_have_count(3)
+        expect(page.locator("#adapter option")).to_have_count(4)
         assert adapter.input_value() == "faq-a"  # the registry's best is preselected
         assert page.evaluate("sessionStorage.getItem('qlora-ray-api-key')") == KEY
         assert page.evaluate("localStorage.length") == 0 and not context.cookies()
