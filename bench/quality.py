@@ -92,14 +92,18 @@ def measure(name: str, changes: dict, work: Path) -> dict:
             "steps": json.loads((adapter / "metrics.json").read_text()).get("step"), "report": report}  # fmt: skip
 
 
+def _header(first: str) -> list[str]:
+    """The two header lines of a Markdown table: ``first``, rows, then one column per metric."""
+    return [f"| {first} | rows | " + " | ".join(METRICS) + " |", ("| --- | --- | " + "--- | " * len(METRICS)).rstrip()]
+
+
 def markdown(result: dict) -> str:
     groups = result["report"]["groups"]
     lines = [
         f"### {result['dataset']} ({result['steps']} optimizer steps; train {result['train_s'] / 60:.1f} min, "
         f"evaluate {result['eval_s'] / 60:.1f} min)",
         "",
-        "| group | rows | " + " | ".join(METRICS) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |",
+        *_header("group"),
     ]
     for group, sides in groups.items():
         cells = []
@@ -219,8 +223,7 @@ def grounded_markdown(g: dict) -> str:
         f"### galaxy, grounded ({n} holdout questions through the Serve app, {g['served_s'] / 60:.1f} min; "
         f"exact_threshold {setting['exact_threshold']}, domain_threshold {setting['domain_threshold']})",
         "",
-        "| answers | rows | " + " | ".join(METRICS) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |",
+        *_header("answers"),
     ]
     every = list(range(n))
     for label, texts in (("adapter alone", plain), ("adapter + grounding", grounded_)):

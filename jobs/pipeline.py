@@ -10,7 +10,8 @@ Stages, in order:
 4. ``deploy``: the Serve app (``python -m serve``) on ``serve.host``:``serve.port``;
 5. ``smoke``: one holdout question through the deployed endpoint's OpenAI-compatible API.
 
-It ends by printing the endpoint, a curl and an ``openai`` example, the TensorBoard command and the model card.
+It ends by printing the endpoint and its chat page, a curl and an ``openai`` example, the TensorBoard command
+and the model card.
 On a local Ray (no cluster address) the process then keeps serving until Ctrl-C; under ``ray job submit``
 the app stays up on the cluster after the job ends.
 
@@ -213,7 +214,7 @@ adapter {outcome.adapter}: {outcome.adapter_uri}
 model card: {outcome.adapter_uri}/README.md   evaluation: {outcome.eval_path}
 smoke query answered: {outcome.answer!r}
 
-endpoint: {outcome.url}/v1 (OpenAI-compatible), health: {outcome.url}/healthz
+endpoint: {outcome.url}/v1 (OpenAI-compatible), health: {outcome.url}/healthz, chat page: {outcome.url}/
 
 curl {outcome.url}/v1/chat/completions -H "Content-Type: application/json"{auth} \\
   -d '{{"model": "{outcome.adapter}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 64}}'
