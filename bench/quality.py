@@ -129,7 +129,7 @@ def grounded(result: dict, work: Path) -> dict:
     from data.templates import messages_for
     from jobs.artifacts import Registry, dataset_fingerprint
     from jobs.config import load_config
-    from serve.__main__ import run_serve
+    from serve.__main__ import run_serve, wait_healthy
 
     cfg = load_config(result["config"])
     registry = work / "grounding-registry"
@@ -149,7 +149,8 @@ def grounded(result: dict, work: Path) -> dict:
     url, _ = run_serve(cfg)
     started = time.perf_counter()
     try:
-        _wait_healthy(url)
+        if not wait_healthy(url):
+            sys.exit(f"the Serve app at {url} did not become healthy; see /tmp/ray/session_latest/logs/serve/")
         jobs = [(name, messages_for(ex)) for name in (PLAIN, GROUNDED) for ex in examples]
         jobs += [(GROUNDED, [{"role": "user", "content": q}]) for q in OFF_TOPIC]
         with ThreadPoolExecutor(16) as pool:
@@ -161,18 +162,6 @@ def grounded(result: dict, work: Path) -> dict:
     return {"rows": n, "served_s": time.perf_counter() - started, "grounding": cfg.serve.grounding.model_dump(),
             "references": [ex["completion"] for ex in examples], "plain": answers[:n], "grounded": answers[n:2 * n],
             "off_topic": answers[2 * n:], "offline": _offline(registry, examples, answers[:n])}  # fmt: skip
-
-
-def _wait_healthy(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    sys.exit(f"the Serve app at {url} did not become healthy in {timeout:.0f} s")
 
 
 def _ask(url: str, model: str, messages: list[dict]) -> tuple[str, str]:

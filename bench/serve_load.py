@@ -149,24 +149,16 @@ def load(url: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
 
 
 def deploy(registry: str, base: str, port: int, overrides: list[str]) -> str:
-    from ray import serve
-
+    """(Re)deploy the app as ``python -m serve`` does; its URL once it is healthy."""
     from jobs.config import load_config
-    from serve.app import bind
+    from serve.__main__ import run_serve, wait_healthy
 
     cfg = load_config(REPO / "configs/quickstart.yaml", [f"run.registry={registry}", f"model.name_or_path={base}",
                                                           f"serve.port={port}", *overrides])  # fmt: skip
-    serve.run(bind(cfg), name="qlora-ray", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return url
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("the app did not become healthy in 300 s")
+    url, _ = run_serve(cfg)
+    if not wait_healthy(url, 300):
+        raise RuntimeError("the app did not become healthy in 300 s")
+    return url
 
 
 def replicas() -> int:
@@ -219,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = deploy(registry, base, port, ["serve.cpus_per_replica=2"])
         stream_once(url, prompts()[0], args.max_tokens)  # warm-up: the adapter loads on first use
         levels = []

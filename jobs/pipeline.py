@@ -169,20 +169,13 @@ def smoke_query(cfg: Config, url: str, messages: list[dict[str, str]], timeout_s
 
     Waits for ``/healthz`` first: a replica loads its model after deployment returns.
     """
+    from serve.__main__ import wait_healthy
     from serve.app import api_keys
 
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
-                if response.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise StageError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s; see the Serve logs "
-                             "(/tmp/ray/session_latest/logs/serve/)")  # fmt: skip
-        time.sleep(1)
+    if not wait_healthy(url, timeout_s):
+        raise StageError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s; see the Serve logs "
+                         "(/tmp/ray/session_latest/logs/serve/)")  # fmt: skip
     keys = sorted(api_keys(cfg))
     body = {"model": cfg.run.name, "messages": messages, "max_tokens": SMOKE_TOKENS, "temperature": 0}
     request = urllib.request.Request(

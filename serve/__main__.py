@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import urllib.error
+import urllib.request
 
 from jobs.artifacts import RegistryError
 from jobs.config import Config, ConfigError, config_from_cli
@@ -34,6 +36,21 @@ def run_serve(cfg: Config) -> tuple[str, bool]:
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     print(f"serving on {url}/v1 (OpenAI-compatible); health: {url}/healthz", flush=True)
     return url, local
+
+
+def wait_healthy(url: str, timeout_s: float = 300) -> bool:
+    """Poll ``url``/healthz until it answers 200 (a generator replica has its model loaded); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):  # not listening yet, or 503 while the replica loads
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 def serve_until_interrupted() -> None:

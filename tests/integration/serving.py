@@ -7,9 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import requests
 from adapters import register_adapter
-from processes import free_port, wait_for
+from processes import free_port
 
 KEY = "test-key-123"
 
@@ -26,26 +25,24 @@ def serve_cluster(home: Path, base: Path) -> Iterator[dict[str, Any]]:
     (home / "keys.txt").write_text(f"# one key per line\n{KEY}\n")
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        yield {"home": home, "registry": registry, "base": base, "url": f"http://127.0.0.1:{port}"}
+        yield {"home": home, "registry": registry, "base": base, "port": port}
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
 def deploy(cluster: dict[str, Any], *overrides: str) -> str:
-    """(Re)deploy the app with the test settings plus ``overrides``; its URL once it is healthy."""
-    from ray import serve
-
+    """(Re)deploy the app as ``python -m serve`` does, with the test settings plus ``overrides``; its URL once
+    it is healthy."""
     from jobs.config import load_config
-    from serve.app import bind
+    from serve.__main__ import run_serve, wait_healthy
 
     cfg = load_config(None, [
         f"model.name_or_path={cluster['base']}", "data.path=unused.jsonl", f"run.registry={cluster['registry']}",
-        "serve.max_prompt_tokens=32", "serve.max_new_tokens=600", "serve.default_max_tokens=8", *overrides,
+        "serve.host=127.0.0.1", f"serve.port={cluster['port']}", "serve.max_prompt_tokens=32",
+        "serve.max_new_tokens=600", "serve.default_max_tokens=8", *overrides,
     ])  # fmt: skip
-    serve.run(bind(cfg), name="qlora-ray", route_prefix="/", blocking=False)
-    url = cluster["url"]
-    wait_for(lambda: requests.get(f"{url}/healthz", timeout=10).status_code == 200, 120, "the app to be healthy")
+    url, _ = run_serve(cfg)
+    assert wait_healthy(url, 120), f"the app at {url} did not become healthy in 120 s"
     return url
