@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from serve_load import free_port  # noqa: E402  (bench/ is this script's directory)
+
 METRICS = ["exact_match", "token_f1", "rouge_l", "bleu", "similarity", "similarity_match_accuracy"]
 PLAIN, GROUNDED = "faq", "faq-grounded"
 # Questions a visitor of a Galaxy / Alibaba Cloud FAQ bot might type that its Q&A set does not cover.
@@ -127,21 +128,18 @@ def grounded(result: dict, work: Path) -> dict:
 
     from data.dataset import split_examples
     from data.templates import messages_for
-    from jobs.artifacts import Registry, dataset_fingerprint
+    from jobs.artifacts import Registry, dataset_entry
     from jobs.config import load_config
     from serve.__main__ import run_serve, wait_healthy
 
     cfg = load_config(result["config"])
     registry = work / "grounding-registry"
     shutil.rmtree(registry, ignore_errors=True)
-    dataset = {"path": cfg.data.path, "format": cfg.data.format, "fingerprint": dataset_fingerprint(cfg.data.path)}
+    dataset = dataset_entry(cfg.data.path, cfg.data.format)
     for name in (PLAIN, GROUNDED):
         Registry(str(registry)).register(name, result["adapter"], {"base_model": cfg.model.name_or_path,
                                                                     "dataset": dataset})  # fmt: skip
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    serving = [f"run.registry={registry}", f"serve.port={port}", "serve.grounding.enabled=true",
+    serving = [f"run.registry={registry}", f"serve.port={free_port()}", "serve.grounding.enabled=true",
                f"serve.grounding.adapters=[{GROUNDED}]"]  # fmt: skip
     cfg = load_config(result["config"], serving)
     loaded, _, holdout = split_examples(cfg.data)

@@ -161,6 +161,12 @@ def deploy(registry: str, base: str, port: int, overrides: list[str]) -> str:
     return url
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def replicas() -> int:
     from ray import serve
 
@@ -208,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as home:
         registry, base = registry_with(adapter, Path(home))
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         url = deploy(registry, base, port, ["serve.cpus_per_replica=2"])
         stream_once(url, prompts()[0], args.max_tokens)  # warm-up: the adapter loads on first use
         levels = []

@@ -140,12 +140,17 @@ class Registry:
 
     def get(self, name: str) -> Entry:
         """The adapter called ``name``; an unknown name is an error that lists the known ones."""
-        manifest = self._read_json(f"{self._adapter_path(name)}/{MANIFEST}")
-        if manifest is None:
+        entry = self.find(name)
+        if entry is None:
             known = [e.name for e in self.list()]
             listing = f"known: {', '.join(known)}" if known else f"the registry {self.location} is empty"
             raise RegistryError(f"no adapter named {name!r} in {self.location} ({listing}); {_LIST_HINT}")
-        return Entry(name, self._uri(name), manifest)
+        return entry
+
+    def find(self, name: str) -> Entry | None:
+        """The adapter called ``name``, or None; reads that adapter's manifest only."""
+        manifest = self._read_json(f"{self._adapter_path(name)}/{MANIFEST}")
+        return None if manifest is None else Entry(name, self._uri(name), manifest)
 
     def pointers(self) -> dict[str, dict[str, Any]]:
         """All ``best`` pointers, keyed by base-model key."""
@@ -424,7 +429,7 @@ def manifest_for(
             "seed": train.seed,
         },
         "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, numbers.Real)},
-        "dataset": {"path": cfg.data.path, "format": cfg.data.format, "fingerprint": data_fingerprint, "rows": rows},
+        "dataset": {**dataset_entry(cfg.data.path, cfg.data.format, data_fingerprint), "rows": rows},
         "source": source,
         "created": _now(),
         "project_version": _project_version(),
@@ -436,6 +441,12 @@ def _project_version() -> str:
         return importlib.metadata.version("qlora-ray")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def dataset_entry(path: str, fmt: str, fingerprint: str | None = None) -> dict[str, str]:
+    """The manifest's ``dataset`` entry: the data's path as training read it, its format and fingerprint
+    (Serve's grounding finds an adapter's Q&A set through it)."""
+    return {"path": path, "format": fmt, "fingerprint": fingerprint or dataset_fingerprint(path)}
 
 
 def saved_data_config(directory: str | Path) -> DataConfig | None:

@@ -100,6 +100,7 @@ class PipelineOutcome:
     logdir: str  # the sweep's Tune results (TensorBoard files) or the training run's Ray Train directory
     tensorboard: bool  # whether logdir holds TensorBoard files
     answer: str  # the smoke query's
+    answer_source: str  # which path gave it: model, or stored / declined with serve.grounding
     local: bool  # True: a local Ray that ends with this process
 
 
@@ -127,7 +128,7 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
         url, local = run_serve(cfg)
         stage = "smoke"
         assert check.data is not None
-        answer = smoke_query(cfg, url, messages_for(check.data.holdout_examples[0]))
+        answer, source = smoke_query(cfg, url, messages_for(check.data.holdout_examples[0]))
     except Exception as err:
         if not isinstance(err, (ConfigError, TrainError, RegistryError, StageError, OSError)):
             log.exception("stage %s: unexpected error", stage)  # a bug: keep its traceback for the report
@@ -138,7 +139,7 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
             f"stage {stage}"
         ) from None
     return PipelineOutcome(url, cfg.run.name, done["train"]["adapter"], done["evaluate"]["path"],
-                           done["train"]["logdir"], done["train"]["tensorboard"], answer, local)  # fmt: skip
+                           done["train"]["logdir"], done["train"]["tensorboard"], answer, source, local)  # fmt: skip
 
 
 def _starting(stage: str, state: PipelineState) -> bool:
@@ -164,8 +165,10 @@ def _train(cfg: Config, check: Any, run_dir: str) -> dict[str, Any]:
     return {"adapter": uri, "logdir": outcome.run_path, "tensorboard": False}
 
 
-def smoke_query(cfg: Config, url: str, messages: list[dict[str, str]], timeout_s: float = 300) -> str:
-    """Ask the deployed endpoint one chat question with ``run.name``'s adapter; its answer.
+def smoke_query(
+    cfg: Config, url: str, messages: list[dict[str, str]], timeout_s: float = 300
+) -> tuple[str, str]:
+    """Ask the deployed endpoint one chat question with ``run.name``'s adapter: its answer and the answer's source.
 
     Waits for ``/healthz`` first: a replica loads its model after deployment returns.
     """
@@ -187,7 +190,7 @@ def smoke_query(cfg: Config, url: str, messages: list[dict[str, str]], timeout_s
             reply = json.loads(response.read())
     except urllib.error.HTTPError as err:
         raise StageError(f"POST {url}/v1/chat/completions answered {err.code}: {err.read().decode()[:500]}") from None
-    return reply["choices"][0]["message"]["content"]
+    return reply["choices"][0]["message"]["content"], reply.get("answer_source", "model")
 
 
 def summary(cfg: Config, outcome: PipelineOutcome) -> str:
@@ -205,7 +208,7 @@ def summary(cfg: Config, outcome: PipelineOutcome) -> str:
     return f"""
 adapter {outcome.adapter}: {outcome.adapter_uri}
 model card: {outcome.adapter_uri}/README.md   evaluation: {outcome.eval_path}
-smoke query answered: {outcome.answer!r}
+smoke query answered ({outcome.answer_source}): {outcome.answer!r}
 
 endpoint: {outcome.url}/v1 (OpenAI-compatible), health: {outcome.url}/healthz, chat page: {outcome.url}/
 

@@ -316,7 +316,7 @@ def registered_by(cfg: Config, path: str) -> bool:
     """
     from jobs.artifacts import Registry, RegistryError
 
-    existing = {e.name: e for e in Registry(cfg.run.registry).list()}.get(cfg.run.name)
+    existing = Registry(cfg.run.registry).find(cfg.run.name)
     if existing is None:
         return False
     origin = existing.manifest.get("source", {}).get("path")

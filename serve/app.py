@@ -336,6 +336,13 @@ def bind(cfg: Config) -> Any:
     if s.api_keys_file and not os.access(s.api_keys_file, os.R_OK):
         problem = f"serve.api_keys_file: {s.api_keys_file} cannot be read; create it (one key per line) or unset it"
         raise ConfigError("of the Serve app", [problem])
+    if s.grounding.enabled:
+        from jobs.metrics import similarity_model_dir
+
+        try:
+            similarity_model_dir()
+        except RuntimeError as err:
+            raise ConfigError("of the Serve app", [f"serve.grounding: {err}"]) from None
     most = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
     resources: dict[str, Any] = {"num_cpus": s.cpus_per_replica}
     if s.gpus_per_replica:

@@ -85,6 +85,8 @@ class Generator:
         torch.set_num_threads(max(1, round(serve_cfg.cpus_per_replica)))
         self.device = "cuda" if serve_cfg.gpus_per_replica > 0 else "cpu"
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # Grounding embeds on a thread of its own: building a Q&A set does not pause decoding.
+        self.grounding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grounding")
         self.registry = Registry(self.cfg.run.registry)
         self.cache = Path(tempfile.gettempdir()) / f"qlora-ray-adapters-{os.getpid()}"
         self.tokenizer = load_tokenizer(self.cfg.model)
@@ -127,22 +129,31 @@ class Generator:
         except (RegistryError, ConfigError, OSError) as err:
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
         if self.cfg.serve.grounding.covers(name) and name not in self.qa_sets:
-            started = time.perf_counter()
-            try:
-                self.qa_sets[name] = await self._run(self._qa_set, directory, manifest)
-            except (GroundingError, ConfigError, DataError, OSError) as err:
-                raise ApiError(500, f"adapter {name!r} cannot be grounded (serve.grounding): {err}") from None
-            log.info("adapter %s grounded on %d questions in %.2f s", name, len(self.qa_sets[name]),
-                     time.perf_counter() - started)  # fmt: skip
+            await self._ground(name, directory, manifest)
         # Loads and unloads run on the torch thread in order, so a queued unload never undoes this load.
         started = time.perf_counter()
         try:
             if await self._run(self._ensure_loaded, name, directory):
                 log.info("adapter %s loaded in %.2f s", name, time.perf_counter() - started)
         except AdapterError as err:
+            self.qa_sets.pop(name, None)
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
         self.prompts[name] = settings
         return _Loaded(self, name)
+
+    async def _ground(self, name: str, directory: str, manifest: dict[str, Any]) -> None:
+        """Build adapter ``name``'s Q&A set (``serve.grounding``); a failure is a 500 whose cause goes to the log."""
+        started = time.perf_counter()
+        try:
+            qa = await self._on(self.grounding, self._qa_set, directory, manifest)
+        except (GroundingError, ConfigError, DataError, OSError, RuntimeError) as err:
+            log.error("adapter %s cannot be grounded (serve.grounding): %s", name, err)
+            raise ApiError(500, f"adapter {name!r} cannot be grounded (serve.grounding): its training data is "
+                           "missing or changed on the server; the server log has the details") from None  # fmt: skip
+        if not len(qa):
+            log.warning("adapter %s: its training split has no question to ground on; the model answers all", name)
+        log.info("adapter %s grounded on %d questions in %.2f s", name, len(qa), time.perf_counter() - started)
+        self.qa_sets[name] = qa
 
     def _qa_set(self, directory: str, manifest: dict[str, Any]) -> QASet:
         from jobs.metrics import Similarity
@@ -186,7 +197,7 @@ class Generator:
             log.info("prompt for %s: %r", name, self.tokenizer.decode(prompt))
         qa = self.qa_sets.get(name)
         if qa is not None and example is not None:
-            verdict = await self._run(qa.decide, example, self.cfg.serve.grounding)
+            verdict = await self._on(self.grounding, qa.decide, example, self.cfg.serve.grounding)
             log.info("grounding %s: %s (nearest question %.3f)", name, verdict.source, verdict.score)
             if verdict.answer is not None:
                 tokens = len(self.tokenizer(verdict.answer, add_special_tokens=False)["input_ids"])
@@ -294,7 +305,11 @@ class Generator:
             job.out.put_nowait(chunk)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """``fn(*args)`` on the torch thread."""
+        return await self._on(self.executor, fn, *args)
+
+    async def _on(self, executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 def _prompt_settings(directory: Path) -> PromptSettings:

@@ -5,13 +5,15 @@ file and its fingerprint, and the split is redone from the data settings saved b
 holdout question is in it. Its questions are embedded with all-MiniLM-L6-v2 (:class:`jobs.metrics.Similarity`)
 once, when a replica loads the adapter. For each request (``serve.grounding``):
 
-- the nearest stored question scores below ``domain_threshold``: the reply is ``decline_message``;
+- the nearest stored question scores below ``domain_threshold``: the reply is ``decline_message`` (not for
+  a question about a passage, a context-QA or alpaca request: the passage it brings is the topic);
 - a stored question with the same context (and the same leading tag, when the request has one) scores at or
   above ``exact_threshold``: the reply is its stored answer (the first in file order among equals);
 - otherwise the model answers.
 
 Questions are compared without their leading ``<TAG>``: people type "What is Galaxy?", not
-"<GALAXY>What is Galaxy?".
+"<GALAXY>What is Galaxy?". A chat-format request is grounded only when it is one question (no earlier turns,
+whose answer would depend on them), and only such single-question rows are stored.
 """
 
 from __future__ import annotations
@@ -43,14 +45,17 @@ class Verdict:
     nearest: str | None = None
 
 
-def _key(example: dict[str, Any]) -> tuple[str, str | None, str]:
-    """(context, leading tag, question without the tag) of an example or a request."""
+def _key(example: dict[str, Any]) -> tuple[str, str | None, str] | None:
+    """(context, leading tag in upper case, question without the tag) of an example or a request; None for a
+    chat turn that follows others."""
+    if example["format"] == "chat" and sum(m["role"] != "system" for m in example["messages"]) > 1:
+        return None
     context, question = question_of(example)
     question = question.strip()
     tag = leading_tag(question)
     if tag:
         question = question[len(tag) :].strip()
-    return context.strip(), tag, question
+    return context.strip(), tag.upper() if tag else None, question
 
 
 class QASet:
@@ -60,7 +65,7 @@ class QASet:
         import torch
 
         rows = [(_key(ex), ex["completion"]) for ex in examples]
-        rows = [(key, answer) for key, answer in rows if key[2]]
+        rows = [(key, answer) for key, answer in rows if key is not None and key[2]]
         self.embedder = embedder
         self.scopes = [(key[0], key[1]) for key, _ in rows]  # (context, tag)
         self.questions = [key[2] for key, _ in rows]
@@ -75,13 +80,14 @@ class QASet:
         """The path that answers ``example`` (a request in the adapter's format) under ``settings``."""
         import torch
 
-        context, tag, question = _key(example)
-        if not self.questions or not question:
+        key = _key(example)
+        if not self.questions or key is None or not key[2]:
             return Verdict(MODEL, float("nan"))
+        context, tag, question = key
         scores = self.vectors @ self.embedder.embed([question])[0]
         best = int(scores.argmax())
         top = float(scores[best])
-        if top < settings.domain_threshold:
+        if top < settings.domain_threshold and not context:
             return Verdict(DECLINED, top, settings.decline_message, self.questions[best])
         same = torch.tensor([c == context and tag in (None, t) for c, t in self.scopes])
         if bool(same.any()):
@@ -106,16 +112,18 @@ def training_examples(directory: str | Path, manifest: dict[str, Any]) -> list[d
                              "turn serve.grounding off for it, or serve an adapter trained by qlora-ray")  # fmt: skip
     dataset = manifest.get("dataset") or {}
     path = dataset.get("path") or data.path
-    if not Path(path).exists():
-        raise GroundingError(
-            f"its training data {path} (the manifest's dataset.path) is not on this replica (working directory "
-            f"{os.getcwd()}); make it available at that path, or turn serve.grounding off for this adapter"
-        )
-    expected, found = dataset.get("fingerprint"), dataset_fingerprint(path)
-    if expected and expected != found:
-        raise GroundingError(
-            f"its training data {path} changed since training (fingerprint {found}, manifest {expected}); "
-            "restore that file, or turn serve.grounding off for this adapter"
-        )
+    expected = dataset.get("fingerprint") or ""
+    if not expected.startswith("name:"):  # a hub dataset is fingerprinted by its name, and read by it
+        if not Path(path).exists():
+            raise GroundingError(
+                f"its training data {path} (the manifest's dataset.path) is not on this replica (working "
+                f"directory {os.getcwd()}); make it available at that path, or turn serve.grounding off for it"
+            )
+        found = dataset_fingerprint(path)
+        if expected and expected != found:
+            raise GroundingError(
+                f"its training data {path} changed since training (fingerprint {found}, manifest {expected}); "
+                "restore that file, or turn serve.grounding off for this adapter"
+            )
     loaded, train, _ = split_examples(data.model_copy(update={"path": path}))
     return [loaded.examples[i] for i in train]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jobs.artifacts import Registry, dataset_fingerprint
+from jobs.artifacts import Registry, dataset_entry
 
 # A small tagged FAQ set (the FAQ seed's shape) for grounded answers: questions a test asks, nearly or exactly.
 FAQ = [
@@ -56,6 +56,6 @@ def register_adapter(
         f"model:\n  name_or_path: {base_dir}\ndata:\n  path: {path}\n  format: prompt_completion\n"
         f"  holdout_fraction: {FAQ_HOLDOUT_FRACTION}\n"
     )
-    dataset = {"path": path, "format": "prompt_completion", "fingerprint": dataset_fingerprint(path)}
+    dataset = dataset_entry(path, "prompt_completion")
     manifest = {"base_model": str(base_dir), "metrics": {"val_loss": val_loss}, "dataset": dataset}
     Registry(str(registry)).register(name, source, manifest)

@@ -93,7 +93,7 @@ async function readStream(response, onDelta) {
 async function ask(question) {
   say("user", question);
   history.push({ role: "user", content: question });
-  $("send").disabled = true;
+  $("send").disabled = $("adapter").disabled = true;  // one adapter per conversation: no switch mid-answer
   $("status").textContent = "Answering…";
   const answer = say("assistant", "");
   const adapter = $("adapter").value;
@@ -116,7 +116,7 @@ async function ask(question) {
     history.pop();
     say("error", `The answer stopped: ${err.message}`);
   } finally {
-    $("send").disabled = false;
+    $("send").disabled = $("adapter").disabled = false;
     $("status").textContent = "";
     $("question").focus();
   }

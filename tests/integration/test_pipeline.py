@@ -78,7 +78,7 @@ def test_pipeline_through_ray_job_submit_resumes_after_a_failed_stage_and_serves
     second = _submit(head, args, tmp_path / "second.log")
     assert "stage train: finished before" in second and "stage evaluate: finished before" in second
     assert "stage train: running" not in second and (adapter / "adapter_model.safetensors").stat().st_mtime == trained
-    assert "smoke query answered" in second and f"http://127.0.0.1:{port}/v1" in second
+    assert "smoke query answered (model)" in second and f"http://127.0.0.1:{port}/v1" in second
 
     # The job ended; the app it deployed stays up on the cluster and answers the official client.
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)

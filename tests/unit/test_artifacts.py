@@ -176,6 +176,7 @@ def test_unknown_name_lists_known_names(location, tmp_path):
     registry.register("beta", fake_adapter(tmp_path, "b"), manifest(1.0))
     with pytest.raises(RegistryError, match=r"'missing'.*known: alpha, beta.*python -m jobs.artifacts list"):
         registry.get("missing")
+    assert registry.find("missing") is None and registry.find("beta").name == "beta"
 
 
 def test_register_checks_its_inputs(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 from adapters import FAQ, FAQ_HOLDOUT_FRACTION, write_faq
 
-from jobs.artifacts import ADAPTER_CONFIG, dataset_fingerprint
+from jobs.artifacts import ADAPTER_CONFIG, dataset_entry
 from jobs.config import ConfigError, GroundingConfig, from_dict
 from serve.grounding import DECLINED, MODEL, STORED, GroundingError, QASet, training_examples
 
@@ -25,14 +25,13 @@ def _asked(question: str) -> dict:
     return {"format": "prompt_completion", "prompt": question}
 
 
-def _adapter_dir(tmp_path, data_path, fingerprint=None):
+def _adapter_dir(tmp_path, data_path):
     directory = tmp_path / "adapter"
     directory.mkdir()
     (directory / ADAPTER_CONFIG).write_text(
         f"data: {{path: {data_path}, format: prompt_completion, holdout_fraction: {FAQ_HOLDOUT_FRACTION}}}\n"
     )
-    manifest = {"dataset": {"path": str(data_path), "fingerprint": fingerprint or dataset_fingerprint(data_path)}}
-    return directory, manifest
+    return directory, {"dataset": dataset_entry(str(data_path), "prompt_completion")}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +81,22 @@ def test_an_in_between_question_reaches_the_model(faq_set):
 def test_a_question_tagged_for_another_topic_does_not_take_that_topics_answer(faq_set):
     verdict = faq_set.decide(_asked("<ALIBABA>What is Galaxy Organisation?"), ON)
     assert verdict.source == MODEL and verdict.score > ON.exact_threshold
+    assert faq_set.decide(_asked("<galaxy>What is Galaxy Organisation?"), ON).source == STORED  # any case
+
+
+def test_chat_rows_are_grounded_only_as_single_questions(embedder):
+    def chat(*turns, answer=""):
+        roles = ["user", "assistant"] * len(turns)
+        messages = [{"role": r, "content": t} for r, t in zip(roles, turns, strict=False)]
+        return {"format": "chat", "messages": messages, "completion": answer}
+
+    qa = QASet([chat("What is Galaxy Organisation?", answer="A non-profit."),
+                chat("What is Galaxy Organisation?", "A non-profit.", "Where is it?", answer="In Cairo.")],
+               embedder)  # fmt: skip
+    assert qa.questions == ["What is Galaxy Organisation?"]  # a follow-up's answer depends on what came before
+    assert qa.decide(chat("what is galaxy organisation"), ON).answer == "A non-profit."
+    follow_up = qa.decide(chat("What is Galaxy Organisation?", "A non-profit.", "Where is it?"), ON)
+    assert follow_up.source == MODEL  # the model sees the whole conversation; the Q&A set does not
 
 
 def test_context_questions_are_answered_from_the_set_only_for_the_same_context(embedder):
@@ -93,6 +108,13 @@ def test_context_questions_are_answered_from_the_set_only_for_the_same_context(e
     assert qa.decide(row("Alloy B melts at 900 C.", "What is the melting point?", ""), ON).answer == "900 C"
     other = qa.decide(row("Alloy C melts at 700 C.", "What is the melting point?", ""), ON)
     assert other.source == MODEL  # a known question about an unknown passage: the model reads the passage
+    new = qa.decide(row("The sky is blue in daylight.", "Which colour is the sky?", ""), ON)
+    assert new.source == MODEL and new.score < ON.domain_threshold  # a passage brings its own topic: no decline
+
+
+def test_an_empty_set_leaves_every_question_to_the_model(embedder):
+    empty = QASet([], embedder)
+    assert len(empty) == 0 and empty.decide(_asked("How do I bake sourdough bread?"), ON).source == MODEL
 
 
 def test_missing_or_changed_training_data_is_a_clear_error(tmp_path):
