@@ -31,7 +31,7 @@ from ray import serve
 from data.formats import DataError
 from jobs.artifacts import Registry, RegistryError, saved_data_config
 from jobs.config import ConfigError, from_dict
-from serve.grounding import MODEL, GroundingError, QASet, training_examples
+from serve.grounding import MODEL, QASet, training_examples
 from serve.protocol import ApiError
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs, with request ids
@@ -146,10 +146,11 @@ class Generator:
         started = time.perf_counter()
         try:
             qa = await self._on(self.grounding, self._qa_set, directory, manifest)
-        except (GroundingError, ConfigError, DataError, OSError, RuntimeError) as err:
+        except (ConfigError, DataError, OSError, RuntimeError) as err:  # GroundingError is a RuntimeError
             log.error("adapter %s cannot be grounded (serve.grounding): %s", name, err)
-            raise ApiError(500, f"adapter {name!r} cannot be grounded (serve.grounding): its training data is "
-                           "missing or changed on the server; the server log has the details") from None  # fmt: skip
+            raise ApiError(500, f"adapter {name!r} cannot be grounded (serve.grounding): its Q&A set could not be "
+                           "built (training data missing or changed on the server); the server log has the details"
+                           ) from None  # fmt: skip
         if not len(qa):
             log.warning("adapter %s: its training split has no question to ground on; the model answers all", name)
         log.info("adapter %s grounded on %d questions in %.2f s", name, len(qa), time.perf_counter() - started)

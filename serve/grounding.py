@@ -6,7 +6,7 @@ holdout question is in it. Its questions are embedded with all-MiniLM-L6-v2 (:cl
 once, when a replica loads the adapter. For each request (``serve.grounding``):
 
 - the nearest stored question scores below ``domain_threshold``: the reply is ``decline_message`` (not for
-  a question about a passage, a context-QA or alpaca request: the passage it brings is the topic);
+  a request that brings a passage, as context-QA and alpaca requests may: that passage is the topic);
 - a stored question with the same context (and the same leading tag, when the request has one) scores at or
   above ``exact_threshold``: the reply is its stored answer (the first in file order among equals);
 - otherwise the model answers.
