@@ -132,16 +132,13 @@ def grounded(result: dict, work: Path) -> dict:
     from jobs.config import load_config
     from serve.__main__ import run_serve, wait_healthy
 
-    cfg = load_config(result["config"])
     registry = work / "grounding-registry"
     shutil.rmtree(registry, ignore_errors=True)
-    dataset = dataset_entry(cfg.data.path, cfg.data.format)
+    cfg = load_config(result["config"], [f"run.registry={registry}", f"serve.port={free_port()}",
+                                         "serve.grounding.enabled=true", f"serve.grounding.adapters=[{GROUNDED}]"])
+    manifest = {"base_model": cfg.model.name_or_path, "dataset": dataset_entry(cfg.data.path, cfg.data.format)}
     for name in (PLAIN, GROUNDED):
-        Registry(str(registry)).register(name, result["adapter"], {"base_model": cfg.model.name_or_path,
-                                                                    "dataset": dataset})  # fmt: skip
-    serving = [f"run.registry={registry}", f"serve.port={free_port()}", "serve.grounding.enabled=true",
-               f"serve.grounding.adapters=[{GROUNDED}]"]  # fmt: skip
-    cfg = load_config(result["config"], serving)
+        Registry(str(registry)).register(name, result["adapter"], manifest)
     loaded, _, holdout = split_examples(cfg.data)
     examples = [loaded.examples[i] for i in holdout]
     url, _ = run_serve(cfg)

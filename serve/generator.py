@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -29,7 +30,7 @@ from typing import Any
 from ray import serve
 
 from data.formats import DataError
-from jobs.artifacts import Registry, RegistryError, saved_data_config
+from jobs.artifacts import MANIFEST, Registry, RegistryError, saved_data_config
 from jobs.config import ConfigError, from_dict
 from serve.grounding import MODEL, QASet, training_examples
 from serve.protocol import ApiError
@@ -125,7 +126,7 @@ class Generator:
         try:
             directory = self.registry.local_dir(name, self.cache)
             settings = _prompt_settings(Path(directory))
-            manifest = self.registry.get(name).manifest
+            manifest = json.loads((Path(directory) / MANIFEST).read_text())  # local_dir's copy: no second fetch
         except (RegistryError, ConfigError, OSError) as err:
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
         if self.cfg.serve.grounding.covers(name) and name not in self.qa_sets:
