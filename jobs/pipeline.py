@@ -108,7 +108,7 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
     """Run every stage not yet finished; raise StageError naming the first one that fails."""
     stage, done = "preflight", {}
     try:
-        cfg, check = prepare_run(cfg)
+        cfg, check = _prepare(cfg)
         storage = storage_path(cfg, start_ray())
         state = PipelineState.load(cfg, storage)
         done = state.finished
@@ -142,6 +142,15 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
                            done["train"]["logdir"], done["train"]["tensorboard"], answer, source, local)  # fmt: skip
 
 
+def _prepare(cfg: Config) -> tuple[Config, Any]:
+    """The preflight, once for the whole pipeline: a sweep's checks its largest rank."""
+    if cfg.sweep.enabled:
+        from tune.sweep import prepare_sweep
+
+        return prepare_sweep(cfg)
+    return prepare_run(cfg)
+
+
 def _starting(stage: str, state: PipelineState) -> bool:
     """Whether ``stage`` still has to run; logs either way."""
     if stage in state.finished:
@@ -156,7 +165,7 @@ def _train(cfg: Config, check: Any, run_dir: str) -> dict[str, Any]:
     if cfg.sweep.enabled:
         from tune.sweep import run_sweep
 
-        sweep = run_sweep(cfg)
+        sweep = run_sweep(cfg, prepared=(cfg, check))
         return {"adapter": sweep.adapter, "logdir": sweep.path, "tensorboard": True}
     registered_by(cfg, run_dir)  # a registry name another run holds: refused now, not after training
     outcome = run_train(cfg, prepared=(cfg, check))

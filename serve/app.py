@@ -329,6 +329,21 @@ def build_app(args: AppArgs) -> Any:
     return bind(load_config(args.config, args.overrides))
 
 
+def _check_grounded_names(cfg: Config) -> None:
+    """``serve.grounding.adapters``: a name no adapter can have is an error; one not registered (yet) a warning."""
+    registry = Registry(cfg.run.registry)
+    for name in cfg.serve.grounding.adapters:
+        try:
+            found = registry.find(name)
+        except RegistryError as err:
+            raise ConfigError("of the Serve app", [f"serve.grounding.adapters: {err}"]) from None
+        if found is None:
+            logging.getLogger(__name__).warning(
+                "serve.grounding.adapters: %s holds no adapter %r; its answers are grounded once one is registered "
+                "under that name. Check the spelling: python -m jobs.artifacts list", registry.location, name,
+            )  # fmt: skip
+
+
 def bind(cfg: Config) -> Any:
     """Both deployments, sized from ``cfg.serve``, bound into one application."""
     cfg = pin_local_paths(cfg)
@@ -343,6 +358,7 @@ def bind(cfg: Config) -> Any:
             similarity_model_dir()
         except RuntimeError as err:
             raise ConfigError("of the Serve app", [f"serve.grounding: {err}"]) from None
+        _check_grounded_names(cfg)
     most = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
     resources: dict[str, Any] = {"num_cpus": s.cpus_per_replica}
     if s.gpus_per_replica:

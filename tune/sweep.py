@@ -32,6 +32,7 @@ import yaml
 from jobs.artifacts import RegistryError
 from jobs.config import Config, ConfigError, changed_keys, config_from_cli, from_dict
 from jobs.loop import STATE_FILE
+from jobs.preflight import PreflightResult
 from jobs.train import (
     TrainError,
     build_trainer,
@@ -82,11 +83,18 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], train_rows: list, ho
         raise SweepError(failure_summary(err)) from None
 
 
-def run_sweep(cfg: Config) -> SweepOutcome:
-    """Check the data once, run (or resume) the sweep, report it, and register the best adapter."""
-    # Checked as the largest rank: the memory estimate then holds for every trial. Each trial sets its own
-    # rank, alpha and lr on top of this config.
-    cfg, check = prepare_run(trial_config(cfg, {"r": max(cfg.sweep.ranks), "lr": cfg.sweep.lr_max}))
+def prepare_sweep(cfg: Config) -> tuple[Config, PreflightResult]:
+    """:func:`jobs.train.prepare_run` for a sweep: checked as its largest rank, so that the memory estimate holds
+    for every trial. Each trial sets its own rank, alpha and lr on top of the config returned."""
+    return prepare_run(trial_config(cfg, {"r": max(cfg.sweep.ranks), "lr": cfg.sweep.lr_max}))
+
+
+def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = None) -> SweepOutcome:
+    """Check the data once, run (or resume) the sweep, report it, and register the best adapter.
+
+    ``prepared``: what :func:`prepare_sweep` returned for ``cfg``, when the caller ran it already.
+    """
+    cfg, check = prepared or prepare_sweep(cfg)
     assert check.data is not None
     ray = start_ray()
     storage = storage_path(cfg, ray)

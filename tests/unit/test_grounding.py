@@ -140,3 +140,25 @@ def test_grounding_settings_are_checked_and_scoped_to_adapters():
     assert ON.covers("faq") and ON.covers("other")
     only = GroundingConfig(enabled=True, adapters=["faq"])
     assert only.covers("faq") and not only.covers("other")
+
+
+def test_grounded_adapter_names_are_checked_when_the_app_is_built(tmp_path, caplog):
+    from serve.app import bind
+
+    registry = tmp_path / "registry"
+    (registry / "adapters" / "faq").mkdir(parents=True)
+    (registry / "adapters" / "faq" / "manifest.json").write_text(json.dumps({"base_model": "microsoft/phi-2"}))
+
+    def app(*names):
+        grounding = {"enabled": True, "adapters": list(names)}
+        return bind(from_dict({"run": {"registry": str(registry)}, "serve": {"grounding": grounding}}))
+
+    with pytest.raises(ConfigError, match=r"serve\.grounding\.adapters: invalid adapter name '\.\./faq'"):
+        app("faq", "../faq")
+    with caplog.at_level("WARNING", logger="serve.app"):
+        assert app("faq", "fqa") is not None
+    assert [r.getMessage() for r in caplog.records if "fqa" in r.getMessage()] == [
+        f"serve.grounding.adapters: {registry} holds no adapter 'fqa'; its answers are grounded once one is "
+        "registered under that name. Check the spelling: python -m jobs.artifacts list"
+    ]
+    assert not any("'faq'" in r.getMessage() for r in caplog.records)
