@@ -128,8 +128,8 @@ def grounded(result: dict, work: Path) -> dict:
 
     from data.dataset import split_examples
     from data.templates import messages_for
-    from jobs.artifacts import Registry, dataset_entry
-    from jobs.config import load_config
+    from qlora_ray.config import load_config
+    from qlora_ray.registry import Registry, dataset_entry
     from serve.__main__ import run_serve, wait_healthy
 
     registry = work / "grounding-registry"
@@ -170,9 +170,9 @@ def _ask(url: str, model: str, messages: list[dict]) -> tuple[str, str]:
 
 def _offline(registry: Path, examples: list[dict], plain: list[tuple[str, str]]) -> list[dict]:
     """Grounded answers at other thresholds: the replica's decision code, the served model answers."""
-    from jobs.artifacts import Registry
-    from jobs.config import GroundingConfig
-    from jobs.metrics import Similarity
+    from qlora_ray.config import GroundingConfig
+    from qlora_ray.metrics import Similarity
+    from qlora_ray.registry import Registry
     from serve.grounding import QASet, training_examples
 
     entry = Registry(str(registry)).get(GROUNDED)
@@ -191,7 +191,7 @@ def _offline(registry: Path, examples: list[dict], plain: list[tuple[str, str]])
 
 def grounded_markdown(g: dict) -> str:
     from jobs.evaluate import SIMILARITY_THRESHOLD
-    from jobs.metrics import Similarity, summarize
+    from qlora_ray.metrics import Similarity, summarize
 
     similarity, refs, n = Similarity(), g["references"], g["rows"]
 

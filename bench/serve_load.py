@@ -42,8 +42,8 @@ def prompts() -> list[str]:
 
 def registry_with(adapter: Path, home: Path) -> tuple[str, str]:
     """A registry in ``home`` holding the adapter as 'quickstart'; returns (registry, base model)."""
-    from jobs.artifacts import Registry
-    from jobs.config import load_config
+    from qlora_ray.config import load_config
+    from qlora_ray.registry import Registry
 
     cfg = load_config(adapter / "qlora_ray_config.yaml")
     metrics = json.loads((adapter / "metrics.json").read_text()) if (adapter / "metrics.json").exists() else {}
@@ -59,9 +59,9 @@ def run_baseline(adapter: Path, seconds: float, max_tokens: int) -> dict:
     import torch
 
     from data.tokenize import encode_prompt
-    from jobs.config import load_config
-    from jobs.generate import AdapterSet, load_inference_model
-    from jobs.model import load_tokenizer
+    from qlora_ray.config import load_config
+    from qlora_ray.generate import AdapterSet, load_inference_model
+    from qlora_ray.model import load_tokenizer
 
     cfg = load_config(adapter / "qlora_ray_config.yaml")
     torch.set_num_threads(2)
@@ -150,7 +150,7 @@ def load(url: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
 
 def deploy(registry: str, base: str, port: int, overrides: list[str]) -> str:
     """(Re)deploy the app as ``python -m serve`` does; its URL once it is healthy."""
-    from jobs.config import load_config
+    from qlora_ray.config import load_config
     from serve.__main__ import run_serve, wait_healthy
 
     cfg = load_config(REPO / "configs/quickstart.yaml", [f"run.registry={registry}", f"model.name_or_path={base}",

@@ -32,7 +32,7 @@ RANKS, LRS = [8, 16, 32, 64], [1e-4, 5e-4]
 
 
 def _config(storage: str, extra: list[str]):
-    from jobs.config import load_config
+    from qlora_ray.config import load_config
 
     return load_config(
         REPO / "configs/quickstart.yaml",
@@ -66,7 +66,7 @@ def run_grid(extra: list[str]) -> dict:
     from data.dataset import prepare
     from data.tokenize import TokenizeSettings
     from jobs.loop import seed_everything, train
-    from jobs.model import attach_lora, load_model, load_tokenizer
+    from qlora_ray.model import attach_lora, load_model, load_tokenizer
     from tune.space import trial_config
 
     with tempfile.TemporaryDirectory() as storage:

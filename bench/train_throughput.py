@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py --data ../shared/seed-data/galaxy_alibaba_qa.json
 
-Every variant trains the same model with the same LoRA adapter (built by ``jobs.model``), the same
+Every variant trains the same model with the same LoRA adapter (built by ``qlora_ray.model``), the same
 optimizer (paged AdamW 8-bit, lr 2e-4, grad norm 0.3) and 16 rows per optimizer step, each in its own
 process, for a few optimizer steps. Gradient checkpointing is off (as in the quickstart config) except for
 the seed recipe, which kept it on:
@@ -49,8 +49,8 @@ def _overrides(data: str, batch: int = BATCH, accum: int = ACCUM) -> list[str]:
 
 
 def run_ours(data: str, steps: int, batch: int, accum: int) -> dict:
-    from jobs.config import load_config
     from jobs.train import run_train
+    from qlora_ray.config import load_config
 
     with tempfile.TemporaryDirectory() as storage:
         cfg = load_config(
@@ -75,9 +75,9 @@ def run_loop(data: str, steps: int, batch: int, accum: int) -> dict:
     """Our training loop in this process, without Ray: what the Ray Train path costs on top."""
     from data.dataset import prepare
     from data.tokenize import TokenizeSettings
-    from jobs.config import load_config
     from jobs.loop import seed_everything, train
-    from jobs.model import attach_lora, load_model, load_tokenizer
+    from qlora_ray.config import load_config
+    from qlora_ray.model import attach_lora, load_model, load_tokenizer
 
     cfg = load_config(
         REPO / "configs/quickstart.yaml",
@@ -103,8 +103,8 @@ def run_trainer(data: str, steps: int, seed_recipe: bool, batch: int, accum: int
 
     from data.dataset import prepare
     from data.tokenize import TokenizeSettings
-    from jobs.config import load_config
-    from jobs.model import attach_lora, load_model, load_tokenizer
+    from qlora_ray.config import load_config
+    from qlora_ray.model import attach_lora, load_model, load_tokenizer
 
     # The seed recipe kept prepare_model_for_kbit_training's default: gradient checkpointing on.
     checkpointing = [f"model.gradient_checkpointing={seed_recipe}"]
@@ -166,8 +166,8 @@ def run_trainer(data: str, steps: int, seed_recipe: bool, batch: int, accum: int
 def epoch_tokens(data: str) -> int:
     from data.dataset import prepare
     from data.tokenize import TokenizeSettings
-    from jobs.config import load_config
-    from jobs.model import load_tokenizer
+    from qlora_ray.config import load_config
+    from qlora_ray.model import load_tokenizer
 
     cfg = load_config(REPO / "configs/quickstart.yaml", _overrides(data))
     prepared = prepare(cfg.data, load_tokenizer(cfg.model), TokenizeSettings.from_config(cfg))

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_ray.errors import QloraRayError
+
 FORMATS = ("prompt_completion", "context_qa", "chat", "alpaca")
 EXAMPLE_KEYS = (
     "where",
@@ -41,7 +43,7 @@ _TAG = re.compile(r"^\s*<([A-Za-z][A-Za-z0-9_-]*)>")
 _ROLES = {"system", "user", "assistant"}
 
 
-class DataError(ValueError):
+class DataError(QloraRayError, ValueError):
     """A dataset that cannot be used as it is; the message names the file, rows and fix."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data.templates import build_prompt
+from qlora_ray.errors import QloraRayError
 
 IGNORE_INDEX = -100
 
@@ -55,7 +56,7 @@ class TokenizeReport:
             listed.append(where)
 
 
-class OverlengthError(ValueError):
+class OverlengthError(QloraRayError, ValueError):
     """A row longer than ``train.max_seq_len`` under ``data.overlength: error``."""
 
 

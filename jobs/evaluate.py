@@ -4,7 +4,7 @@
 
 The holdout split is the training run's (same data, seed and fraction). Answers are generated through Ray
 Data, in batches on an actor pool (``eval.workers`` actors, on GPU with ``train.use_gpu``), by the code Serve
-runs: the one prompt formatter, ``jobs.generate``'s loader, adapter set and decode loop, greedy, at most
+runs: the one prompt formatter, ``qlora_ray.generate``'s loader, adapter set and decode loop, greedy, at most
 ``serve.default_max_tokens`` new tokens. Base and fine-tuned answers come from the same batch (the base rows
 run with the adapter disabled). The report, ``eval.json``, goes beside the adapter (in the registry for a
 registered one) and is printed as a table: overall and per tag, base and fine-tuned side by side, with
@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from data.templates import build_prompt, question_of
-from jobs.artifacts import Registry, RegistryError
-from jobs.config import Config, ConfigError, config_from_cli, from_dict
-from jobs.train import TrainError, prepare_run, start_ray
+from jobs.preflight import prepare_run
+from qlora_ray import cli, console
+from qlora_ray.config import Config, from_dict
+from qlora_ray.registry import Registry
+from qlora_ray.runtime import start_ray
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def run_evaluate(
 ) -> EvalOutcome:
     """Generate base and fine-tuned answers for the holdout split, score them, write ``eval.json`` and the card.
 
-    ``prepared``: what ``jobs.train.prepare_run`` returned for ``cfg``, when the caller ran it already.
+    ``prepared``: what ``jobs.preflight.prepare_run`` returned for ``cfg``, when the caller ran it already.
     """
     cfg, check = prepared or prepare_run(cfg)
     assert check.data is not None
@@ -96,18 +98,20 @@ def generate_answers(
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    answered = (
-        ray.data.from_items(rows)
-        .map_batches(
-            Answerer,
-            fn_constructor_kwargs={"config": cfg.model_dump(), "directory": directory, "with_base": with_base},
-            batch_size=BATCH,
-            concurrency=workers,
-            **_resources(cfg),
-        )
-        .take_all()
+    dataset = ray.data.from_items(rows).map_batches(
+        Answerer,
+        fn_constructor_kwargs={"config": cfg.model_dump(), "directory": directory, "with_base": with_base},
+        batch_size=BATCH,
+        concurrency=workers,
+        **_resources(cfg),
     )
-    return {int(r["i"]): (str(r["base"]) if with_base else None, str(r["tuned"])) for r in answered}
+    answers: dict[int, tuple[str | None, str]] = {}
+    progress = console.Progress("answering holdout rows", len(rows))
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, base, tuned in zip(batch["i"], batch["base"], batch["tuned"], strict=True):
+            answers[int(i)] = (str(base) if with_base else None, str(tuned))
+        progress.advance(len(batch["i"]))
+    return answers
 
 
 class Answerer:
@@ -116,9 +120,10 @@ class Answerer:
     def __init__(self, config: dict[str, Any], directory: str, with_base: bool = True):
         import torch
 
-        from jobs.generate import AdapterSet, load_inference_model
-        from jobs.model import load_tokenizer
+        from qlora_ray.generate import AdapterSet, load_inference_model
+        from qlora_ray.model import load_tokenizer
 
+        console.setup_worker()
         cfg = from_dict(config, source="evaluation")
         self.device = "cuda" if cfg.train.use_gpu else "cpu"
         if self.device == "cpu":
@@ -130,7 +135,7 @@ class Answerer:
         self.with_base = with_base
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from jobs.generate import BASE, Sampling, generate_text
+        from qlora_ray.generate import BASE, Sampling, generate_text
 
         prompts = [str(p) for p in batch["prompt"]]
         n = len(prompts)
@@ -147,9 +152,9 @@ def _holdout_loss(config: dict[str, Any], directory: str, rows: list[dict[str, A
 
     import torch
 
-    from jobs.generate import AdapterSet, load_inference_model
     from jobs.loop import Dist, evaluate
-    from jobs.model import load_tokenizer
+    from qlora_ray.generate import AdapterSet, load_inference_model
+    from qlora_ray.model import load_tokenizer
 
     cfg = from_dict(config, source="evaluation")
     device = "cuda" if cfg.train.use_gpu else "cpu"
@@ -167,7 +172,7 @@ def _holdout_loss(config: dict[str, Any], directory: str, rows: list[dict[str, A
 
 def score(examples: list[dict[str, Any]], answers: dict[int, Any], loss: dict[str, float]) -> dict[str, Any]:
     """Metrics overall and per tag for base and fine-tuned, plus example rows."""
-    from jobs.metrics import Similarity, summarize
+    from qlora_ray.metrics import Similarity, summarize
 
     similarity = Similarity()
     refs = [ex["completion"] for ex in examples]
@@ -197,7 +202,7 @@ def score(examples: list[dict[str, Any]], answers: dict[int, Any], loss: dict[st
 
 def _write(cfg: Config, directory: str, registry_name: str | None, report: dict[str, Any]) -> str:
     """``eval.json`` beside the adapter, and its numbers in the adapter's model card (``README.md``)."""
-    from jobs.card import with_evaluation
+    from qlora_ray.card import with_evaluation
 
     text = json.dumps(report, indent=2) + "\n"
     card_path = Path(directory) / "README.md"  # for a registry adapter, the local copy it was loaded from
@@ -224,23 +229,17 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = argparse.ArgumentParser(add_help=False)
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.evaluate") -> int:
+    parser = cli.parser(prog, cli.description(__doc__), example="serve.default_max_tokens=64")
     parser.add_argument("--adapter", required=True, help="registry name or adapter directory")
     parser.add_argument("--workers", type=int, default=1, help="generation actors (Ray Data actor pool)")
-    known, rest = parser.parse_known_args(argv)
-    try:
-        cfg = config_from_cli("python -m jobs.evaluate", __doc__.split("\n")[0], rest, "serve.default_max_tokens=64")
-        outcome = run_evaluate(cfg, known.adapter, known.workers)
-    except (ConfigError, TrainError, RegistryError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    args = parser.parse_args(argv)
+    return cli.run(args, lambda: _report(run_evaluate(cli.load(args, "evaluate"), args.adapter, args.workers)))
+
+
+def _report(outcome: EvalOutcome) -> None:
     print(table(outcome.report))
     print(f"\nreport: {outcome.path}")
-    return 0
 
 
 if __name__ == "__main__":

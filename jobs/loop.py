@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from data.tokenize import IGNORE_INDEX, batch_order, collate
-from jobs.config import Config
 from jobs.dropout import use_skip_dropout
+from qlora_ray.config import Config
+from qlora_ray.errors import QloraRayError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ ADAPTER_DIR = "adapter"
 Report = Callable[[dict[str, float], "str | None"], None]
 
 
-class DivergedError(RuntimeError):
+class DivergedError(QloraRayError, RuntimeError):
     """The loss or the gradient norm became NaN or infinite: more steps cannot recover; stop with the fix."""
 
 
@@ -283,7 +284,7 @@ def _log_progress(step: int, total: int, window: _Window, lr: float) -> None:
 
 
 def _autocast(cfg: Config, device: str):
-    from jobs.model import compute_dtype
+    from qlora_ray.model import compute_dtype
 
     if device.startswith("cuda") and compute_dtype(cfg.model, device) == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)

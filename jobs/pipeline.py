@@ -33,18 +33,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data.templates import messages_for
-from jobs.artifacts import RegistryError
-from jobs.config import Config, ConfigError, changed_keys, config_from_cli
-from jobs.train import (
-    TrainError,
-    filesystem_of,
-    prepare_run,
-    register_checkpoint,
-    registered_by,
-    run_train,
-    start_ray,
-    storage_path,
-)
+from jobs.evaluate import run_evaluate, table
+from jobs.export import register_checkpoint, registered_by
+from jobs.preflight import prepare_run
+from jobs.train import run_train
+from qlora_ray import cli
+from qlora_ray.config import Config, changed_keys
+from qlora_ray.errors import QloraRayError
+from qlora_ray.runtime import start_ray, storage_path
+from qlora_ray.storage import read_text, write_text
+from serve.__main__ import run_serve, serve_until_interrupted, wait_healthy
+from serve.app import api_keys
+from tune.sweep import prepare_sweep, run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ STAGES = ("preflight", "train", "evaluate", "deploy", "smoke")
 SMOKE_TOKENS = 32
 
 
-class StageError(RuntimeError):
+class StageError(QloraRayError, RuntimeError):
     """A stage that failed; the message names it, the cause and how to resume."""
 
 
@@ -67,13 +67,11 @@ class PipelineState:
     @classmethod
     def load(cls, cfg: Config, storage: str) -> PipelineState:
         location = f"{storage.rstrip('/')}/{cfg.run.name}.pipeline.json"
-        filesystem, path = filesystem_of(location)
         now = cfg.model_dump()
-        try:
-            with filesystem.open_input_stream(path) as stream:
-                saved = json.loads(stream.read())
-        except FileNotFoundError:
+        text = read_text(location)
+        if text is None:
             return cls(location, now)
+        saved = json.loads(text)
         changed = changed_keys(saved["config"], now)
         if changed:
             raise StageError(
@@ -85,10 +83,7 @@ class PipelineState:
 
     def done(self, stage: str, outputs: dict[str, Any]) -> None:
         self.finished[stage] = outputs
-        filesystem, path = filesystem_of(self.location)
-        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with filesystem.open_output_stream(path) as out:
-            out.write(json.dumps({"config": self.config, "finished": self.finished}, indent=2).encode())
+        write_text(self.location, json.dumps({"config": self.config, "finished": self.finished}, indent=2))
 
 
 @dataclass
@@ -117,20 +112,16 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
             state.done(stage, _train(cfg, check, f"{storage.rstrip('/')}/{cfg.run.name}"))
         stage = "evaluate"
         if _starting(stage, state):
-            from jobs.evaluate import run_evaluate, table
-
             evaluation = run_evaluate(cfg, cfg.run.name, prepared=(cfg, check))
             print(table(evaluation.report), flush=True)
             state.done(stage, {"path": evaluation.path})
         stage = "deploy"
-        from serve.__main__ import run_serve
-
         url, local = run_serve(cfg)
         stage = "smoke"
         assert check.data is not None
         answer, source = smoke_query(cfg, url, messages_for(check.data.holdout_examples[0]))
     except Exception as err:
-        if not isinstance(err, (ConfigError, TrainError, RegistryError, StageError, OSError)):
+        if not isinstance(err, (QloraRayError, OSError)):
             log.exception("stage %s: unexpected error", stage)  # a bug: keep its traceback for the report
         finished = [s for s in STAGES if s in done]
         kept = f"finished stages kept: {', '.join(finished)}; " if finished else ""
@@ -145,8 +136,6 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
 def _prepare(cfg: Config) -> tuple[Config, Any]:
     """The preflight, once for the whole pipeline: a sweep's checks its largest rank."""
     if cfg.sweep.enabled:
-        from tune.sweep import prepare_sweep
-
         return prepare_sweep(cfg)
     return prepare_run(cfg)
 
@@ -163,8 +152,6 @@ def _starting(stage: str, state: PipelineState) -> bool:
 def _train(cfg: Config, check: Any, run_dir: str) -> dict[str, Any]:
     """The sweep, or one training run (in ``run_dir``) registered as the sweep registers its best trial."""
     if cfg.sweep.enabled:
-        from tune.sweep import run_sweep
-
         sweep = run_sweep(cfg, prepared=(cfg, check))
         return {"adapter": sweep.adapter, "logdir": sweep.path, "tensorboard": True}
     registered_by(cfg, run_dir)  # a registry name another run holds: refused now, not after training
@@ -181,9 +168,6 @@ def smoke_query(
 
     Waits for ``/healthz`` first: a replica loads its model after deployment returns.
     """
-    from serve.__main__ import wait_healthy
-    from serve.app import api_keys
-
     deadline = time.monotonic() + timeout_s
     if not wait_healthy(url, timeout_s):
         raise StageError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s; see the Serve logs "
@@ -204,8 +188,6 @@ def smoke_query(
 
 def summary(cfg: Config, outcome: PipelineOutcome) -> str:
     """What a user needs next: the endpoint and how to query it, the dashboards, the model card."""
-    from serve.app import api_keys
-
     secured = bool(api_keys(cfg))  # then $KEY stands for one of the keys, which are never printed
     auth = ' -H "Authorization: Bearer $KEY"' if secured else ""
     key = 'os.environ["KEY"]' if secured else '"unused"'
@@ -235,20 +217,16 @@ EOF
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = config_from_cli("python -m jobs.pipeline", __doc__.split("\n")[0], argv, "sweep.enabled=false")
-        outcome = run_pipeline(cfg)
-    except (ConfigError, StageError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.pipeline") -> int:
+    args = cli.parser(prog, cli.description(__doc__), example="sweep.enabled=false").parse_args(argv)
+    return cli.run(args, lambda: _pipeline(cli.load(args, "pipeline")))
+
+
+def _pipeline(cfg: Config) -> None:
+    outcome = run_pipeline(cfg)
     print(summary(cfg, outcome), flush=True)
     if outcome.local:
-        from serve.__main__ import serve_until_interrupted
-
         serve_until_interrupted()
-    return 0
 
 
 if __name__ == "__main__":

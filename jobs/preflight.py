@@ -8,6 +8,7 @@ Nothing here loads model weights: the architecture is built on the meta device.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ from data.tokenize import (
     tag_counts,
     useful_fraction,
 )
-from jobs.config import Config, ConfigError, config_from_cli
 from jobs.loop import steps_per_epoch, total_steps
-from jobs.model import (
+from qlora_ray import cli
+from qlora_ray.config import Config, pin_local_paths
+from qlora_ray.errors import QloraRayError
+from qlora_ray.model import (
     ModelError,
     check_vocabulary,
     compute_dtype,
@@ -37,6 +40,8 @@ from jobs.model import (
 )
 
 GIB = 1024**3
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,6 +78,32 @@ def run_preflight(cfg: Config) -> PreflightResult:
     if targets is not None and result.data is not None and result.data.train_rows:
         _estimate(cfg, skeleton, result)
     return result
+
+
+class PreflightError(QloraRayError):
+    """A run that cannot start; the message lists every problem preflight found, each with its fix."""
+
+
+def prepare_run(cfg: Config) -> tuple[Config, PreflightResult]:
+    """Resolve local paths and run the preflight (data, targets, memory); raise with every problem found.
+
+    The config returned has ``data.format`` resolved (``auto`` becomes the detected format): it is saved with
+    the adapter, and Serve and evaluation build prompts by it.
+    """
+    cfg = pin_local_paths(cfg)
+    check = run_preflight(cfg)
+    for line in check.lines:
+        log.info("%s", line)
+    if check.errors:
+        raise PreflightError("the run cannot start:\n" + "\n".join(f"- {e}" for e in check.errors))
+    assert check.data is not None
+    if not check.data.holdout_rows:
+        raise PreflightError("no holdout rows to evaluate on: set data.holdout_fraction > 0 (e.g. 0.1)")
+    if cfg.data.format == "auto":
+        cfg = cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"format": check.data.holdout_examples[0]["format"]})}
+        )
+    return cfg, check
 
 
 def _check_lora(cfg: Config, skeleton: Any, result: PreflightResult) -> dict[str, Any] | None:
@@ -213,19 +244,18 @@ def _available_memory(cfg: Config) -> tuple[int, str]:
     return psutil.virtual_memory().available // workers, f"this machine (per worker of {workers})"
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = config_from_cli("python -m jobs.preflight", __doc__.split("\n")[0], argv, "train.lr=1e-4")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.preflight") -> int:
+    args = cli.parser(prog, cli.description(__doc__)).parse_args(argv)
+    return cli.run(args, lambda: _check(cli.load(args, "preflight")))
+
+
+def _check(cfg: Config) -> int:
     result = run_preflight(cfg)
     print("\n".join(result.lines))
     if result.errors:
-        print(f"\npreflight FAILED with {len(result.errors)} problem(s):", file=sys.stderr)
-        for error in result.errors:
-            print(f"- {error}", file=sys.stderr)
-        return 1
+        raise PreflightError(
+            f"preflight FAILED with {len(result.errors)} problem(s):\n" + "\n".join(f"- {e}" for e in result.errors)
+        )
     print("\npreflight passed")
     return 0
 

@@ -6,15 +6,14 @@ command ends. Without one, a local Ray is started and the app serves until Ctrl-
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 import urllib.error
 import urllib.request
 
-from jobs.artifacts import RegistryError
-from jobs.config import Config, ConfigError, config_from_cli
-from jobs.train import TrainError, start_ray
+from qlora_ray import cli
+from qlora_ray.config import Config
+from qlora_ray.runtime import start_ray, started_here
 
 APP_NAME = "qlora-ray"
 
@@ -29,8 +28,8 @@ def run_serve(cfg: Config) -> tuple[str, bool]:
 
     from serve.app import bind
 
-    ray = start_ray()
-    local = bool(getattr(ray._private.worker._global_node, "head", False))
+    start_ray()
+    local = started_here()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(bind(cfg), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
@@ -65,17 +64,15 @@ def serve_until_interrupted() -> None:
         serve.shutdown()
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = config_from_cli("python -m serve", __doc__.split("\n")[0], argv, "serve.port=8001")
-        _url, local = run_serve(cfg)
-        if local:
-            serve_until_interrupted()
-    except (ConfigError, TrainError, RegistryError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+def main(argv: list[str] | None = None, prog: str = "python -m serve") -> int:
+    args = cli.parser(prog, cli.description(__doc__), example="serve.port=8001").parse_args(argv)
+    return cli.run(args, lambda: _serve(cli.load(args, "serve")))
+
+
+def _serve(cfg: Config) -> None:
+    _url, local = run_serve(cfg)
+    if local:
+        serve_until_interrupted()
 
 
 if __name__ == "__main__":

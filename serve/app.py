@@ -33,8 +33,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jobs.artifacts import Registry, RegistryError, base_key
-from jobs.config import Config, ConfigError, from_dict, load_config, pin_local_paths
+from qlora_ray.config import Config, ConfigError, from_dict, load_config, pin_local_paths
+from qlora_ray.registry import Registry, RegistryError, base_key
 from serve.generator import Generator
 from serve.grounding import MODEL
 from serve.protocol import (
@@ -340,7 +340,7 @@ def _check_grounded_names(cfg: Config) -> None:
         if found is None:
             logging.getLogger(__name__).warning(
                 "serve.grounding.adapters: %s holds no adapter %r; its answers are grounded once one is registered "
-                "under that name. Check the spelling: python -m jobs.artifacts list", registry.location, name,
+                "under that name. Check the spelling: qlora-ray artifacts list", registry.location, name,
             )  # fmt: skip
 
 
@@ -352,7 +352,7 @@ def bind(cfg: Config) -> Any:
         problem = f"serve.api_keys_file: {s.api_keys_file} cannot be read; create it (one key per line) or unset it"
         raise ConfigError("of the Serve app", [problem])
     if s.grounding.enabled:
-        from jobs.metrics import similarity_model_dir
+        from qlora_ray.metrics import similarity_model_dir
 
         try:
             similarity_model_dir()

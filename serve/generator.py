@@ -1,10 +1,10 @@
 """The generator deployment: one base model per replica, adapters multiplexed onto it, requests batched.
 
-- The replica loads the base once (``jobs.generate.load_inference_model``) and its tokenizer.
+- The replica loads the base once (``qlora_ray.generate.load_inference_model``) and its tokenizer.
 - The request's adapter arrives as Serve's multiplexed model id. ``ray.serve.multiplexed`` loads it from the
   registry on first use and keeps ``serve.max_adapters_per_replica`` of them (least recently used go), and
   Serve routes later requests for it to a replica that has it.
-- Continuous batching (``jobs.generate.DecodeBatch``): up to ``serve.max_batch_size`` requests decode together,
+- Continuous batching (``qlora_ray.generate.DecodeBatch``): up to ``serve.max_batch_size`` requests decode together,
   whatever their adapters (PEFT's mixed-adapter batches); a waiting request joins the running batch between
   two decode steps instead of waiting for it to end, and every request streams its own deltas.
 - Torch runs on one worker thread, so the event loop stays free to accept and queue requests, and adapter
@@ -30,8 +30,8 @@ from typing import Any
 from ray import serve
 
 from data.formats import DataError
-from jobs.artifacts import MANIFEST, Registry, RegistryError, saved_data_config
-from jobs.config import ConfigError, from_dict
+from qlora_ray.config import ConfigError, from_dict
+from qlora_ray.registry import MANIFEST, Registry, RegistryError, saved_data_config
 from serve.grounding import MODEL, QASet, training_examples
 from serve.protocol import ApiError
 
@@ -78,8 +78,8 @@ class Generator:
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from jobs.generate import AdapterSet, load_inference_model
-        from jobs.model import load_tokenizer
+        from qlora_ray.generate import AdapterSet, load_inference_model
+        from qlora_ray.model import load_tokenizer
 
         self.cfg = from_dict(config, source="serve app")
         serve_cfg = self.cfg.serve
@@ -121,7 +121,7 @@ class Generator:
 
     async def _load(self, name: str) -> _Loaded:
         """Multiplexed loader: fetch the adapter from the registry and put it on the base model."""
-        from jobs.generate import AdapterError
+        from qlora_ray.generate import AdapterError
         self.dropped.discard(name)
         try:
             directory = self.registry.local_dir(name, self.cache)
@@ -158,7 +158,7 @@ class Generator:
         self.qa_sets[name] = qa
 
     def _qa_set(self, directory: str, manifest: dict[str, Any]) -> QASet:
-        from jobs.metrics import Similarity
+        from qlora_ray.metrics import Similarity
 
         if self.embedder is None:
             self.embedder = Similarity()
@@ -189,7 +189,7 @@ class Generator:
         ``source`` says which path answers: the model, or (``serve.grounding``) a stored answer or a decline,
         which arrive whole in one chunk.
         """
-        from jobs.generate import Sampling
+        from qlora_ray.generate import Sampling
 
         name = serve.get_multiplexed_model_id()
         await self.adapter(name)
@@ -268,7 +268,7 @@ class Generator:
 
     async def _schedule(self) -> None:
         """Continuous batching: waiting requests join the running batch between decode steps."""
-        from jobs.generate import BASE, DecodeBatch
+        from qlora_ray.generate import BASE, DecodeBatch
 
         batch, wait = None, self.cfg.serve.batch_wait_timeout_s
         while True:

@@ -2,7 +2,7 @@
 
 An adapter's Q&A set is the training split of the data it was trained on: the registry manifest names the
 file and its fingerprint, and the split is redone from the data settings saved beside the adapter, so no
-holdout question is in it. Its questions are embedded with all-MiniLM-L6-v2 (:class:`jobs.metrics.Similarity`)
+holdout question is in it. Its questions are embedded with all-MiniLM-L6-v2 (:class:`qlora_ray.metrics.Similarity`)
 once, when a replica loads the adapter. For each request (``serve.grounding``):
 
 - the nearest stored question scores below ``domain_threshold``: the reply is ``decline_message`` (not for
@@ -25,13 +25,14 @@ from typing import Any
 
 from data.formats import leading_tag
 from data.templates import question_of
-from jobs.config import GroundingConfig
+from qlora_ray.config import GroundingConfig
+from qlora_ray.errors import QloraRayError
 
 STORED, MODEL, DECLINED = "stored", "model", "declined"
 EMBED_BATCH = 256
 
 
-class GroundingError(RuntimeError):
+class GroundingError(QloraRayError, RuntimeError):
     """An adapter's Q&A set cannot be built; the message says what is missing and what to do."""
 
 
@@ -104,7 +105,7 @@ def training_examples(directory: str | Path, manifest: dict[str, Any]) -> list[d
     and unchanged since (its fingerprint must match the manifest's).
     """
     from data.dataset import split_examples
-    from jobs.artifacts import ADAPTER_CONFIG, dataset_fingerprint, saved_data_config
+    from qlora_ray.registry import ADAPTER_CONFIG, dataset_fingerprint, saved_data_config
 
     data = saved_data_config(directory)
     if data is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jobs.artifacts import Registry, dataset_entry
+from qlora_ray.registry import Registry, dataset_entry
 
 # A small tagged FAQ set (the FAQ seed's shape) for grounded answers: questions a test asks, nearly or exactly.
 FAQ = [

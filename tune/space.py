@@ -10,10 +10,11 @@ import itertools
 import random
 from typing import Any
 
-from jobs.config import Config, from_dict
+from qlora_ray.config import Config, from_dict
+from qlora_ray.errors import QloraRayError
 
 
-class SweepError(RuntimeError):
+class SweepError(QloraRayError, RuntimeError):
     """A sweep that cannot start or did not finish; the message says why and what to do."""
 
 

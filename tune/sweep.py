@@ -29,22 +29,14 @@ from typing import Any
 import ray.tune
 import yaml
 
-from jobs.artifacts import RegistryError
-from jobs.config import Config, ConfigError, changed_keys, config_from_cli, from_dict
+from jobs.export import register_checkpoint, registered_by
 from jobs.loop import STATE_FILE
-from jobs.preflight import PreflightResult
-from jobs.train import (
-    TrainError,
-    build_trainer,
-    failure_summary,
-    filesystem_of,
-    prepare_run,
-    register_checkpoint,
-    registered_by,
-    start_ray,
-    storage_path,
-    upload_dir,
-)
+from jobs.preflight import PreflightResult, prepare_run
+from jobs.train import build_trainer
+from qlora_ray import cli
+from qlora_ray.config import Config, changed_keys, from_dict
+from qlora_ray.runtime import failure_summary, start_ray, storage_path
+from qlora_ray.storage import filesystem_of, is_uri, read_text, upload_dir, write_text
 from tune import report
 from tune.space import SweepError, describe, param_space, scheduler, searcher, trial_config, trial_count
 
@@ -109,7 +101,7 @@ def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = Non
     )  # fmt: skip
     path = f"{storage.rstrip('/')}/{cfg.run.name}"
     registered_by(cfg, path)  # a registry name another run holds: refused now, not after the sweep
-    leftovers = [p for p in Path(path).glob("*") if p.name != SWEEP_CONFIG] if "://" not in path else []
+    leftovers = [p for p in Path(path).glob("*") if p.name != SWEEP_CONFIG] if not is_uri(path) else []
     resuming = ray.tune.Tuner.can_restore(path)
     if leftovers and not resuming:
         raise SweepError(
@@ -121,7 +113,7 @@ def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = Non
         log.info("resuming the sweep at %s: finished trials are kept, unfinished ones continue", path)
         tuner = ray.tune.Tuner.restore(path, trainable, resume_unfinished=True, param_space=param_space(cfg))
     else:
-        _write_text(f"{path}/{SWEEP_CONFIG}", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        write_text(f"{path}/{SWEEP_CONFIG}", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
         tuner = ray.tune.Tuner(
             trainable,
             param_space=param_space(cfg),
@@ -167,7 +159,7 @@ def rank_by_answers(cfg: Config, check: Any, scored: list[report.TrialRecord], s
 
     from jobs.evaluate import SIMILARITY_THRESHOLD, generate_answers, holdout_prompts
     from jobs.loop import ADAPTER_DIR
-    from jobs.metrics import Similarity, summarize
+    from qlora_ray.metrics import Similarity, summarize
 
     candidates = sorted(scored, key=lambda t: t.best if cfg.sweep.mode == "min" else -t.best)[: cfg.sweep.rank_top_k]
     rows = holdout_prompts(cfg, check)
@@ -203,21 +195,12 @@ def _fit(tuner: Any) -> Any:
 DRIVER_CPUS = 0.01  # a trial's driver function only waits on its trainer; Ray refuses a request of 0
 
 
-def _write_text(path: str, text: str) -> None:
-    filesystem, inner = filesystem_of(path)
-    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(inner) as out:
-        out.write(text.encode())
-
-
 def _check_same_sweep(path: str, cfg: Config) -> None:
     """A resumed sweep must be the same sweep: its trials continue checkpoints trained with those settings."""
-    filesystem, inner = filesystem_of(f"{path}/{SWEEP_CONFIG}")
-    try:
-        with filesystem.open_input_stream(inner) as stream:
-            saved = yaml.safe_load(stream.read())
-    except FileNotFoundError:
+    text = read_text(f"{path}/{SWEEP_CONFIG}")
+    if text is None:
         return
+    saved = yaml.safe_load(text)
     changed = changed_keys(saved, cfg.model_dump())
     if changed:
         raise SweepError(
@@ -317,20 +300,17 @@ class Progress(ray.tune.Callback):
         log.warning("trial %s failed (the sweep goes on); its error is in %s", trial.trial_id, trial.path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = config_from_cli("python -m tune.sweep", __doc__.split("\n")[0], argv, "sweep.num_samples=4")
-        outcome = run_sweep(cfg)
-    except (ConfigError, TrainError, SweepError, RegistryError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def main(argv: list[str] | None = None, prog: str = "python -m tune.sweep") -> int:
+    args = cli.parser(prog, cli.description(__doc__), example="sweep.num_samples=4").parse_args(argv)
+    return cli.run(args, lambda: _report(run_sweep(cli.load(args, "sweep"))))
+
+
+def _report(outcome: SweepOutcome) -> None:
     best = outcome.best
     print(f"\nbest trial {best.trial_id}: {best.label}, {outcome.metric} {best.best:.4f} at step {best.best_step}")
-    print(f"registered as {outcome.registry_name!r}: {outcome.adapter}  (python -m jobs.artifacts list)")
+    print(f"registered as {outcome.registry_name!r}: {outcome.adapter}  (qlora-ray artifacts list)")
     print(f"report: {outcome.report_dir}/trials.csv, trials.json, sweep.png")
     print(f"TensorBoard: tensorboard --logdir {outcome.path}")
-    return 0
 
 
 if __name__ == "__main__":

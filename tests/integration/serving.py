@@ -35,7 +35,7 @@ def serve_cluster(home: Path, base: Path) -> Iterator[dict[str, Any]]:
 def deploy(cluster: dict[str, Any], *overrides: str) -> str:
     """(Re)deploy the app as ``python -m serve`` does, with the test settings plus ``overrides``; its URL once
     it is healthy."""
-    from jobs.config import load_config
+    from qlora_ray.config import load_config
     from serve.__main__ import run_serve, wait_healthy
 
     cfg = load_config(None, [

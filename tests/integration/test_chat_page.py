@@ -18,7 +18,7 @@ from adapters import FAQ, register_adapter, write_faq
 from processes import REPO, wait_for
 from serving import KEY, deploy, serve_cluster
 
-from jobs.config import DEFAULT_DECLINE_MESSAGE
+from qlora_ray.config import DEFAULT_DECLINE_MESSAGE
 
 pytestmark = pytest.mark.ray
 

@@ -6,7 +6,7 @@ import pytest
 
 from data.dataset import prepare
 from data.tokenize import TokenizeSettings
-from jobs.config import from_dict
+from qlora_ray.config import from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -59,7 +59,7 @@ def test_asha_sweep_reports_trials_survives_a_failing_one_and_registers_the_best
     assert list((tmp_path / "runs/small").glob("*/events.out.tfevents*"))
     assert any("running" in line and "best" in line for line in output.splitlines())  # live progress lines
 
-    from jobs.artifacts import Registry
+    from qlora_ray.registry import Registry
 
     registry = Registry(str(tmp_path / "registry"))
     entry = registry.get("small")

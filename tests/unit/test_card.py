@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jobs.card import EVALUATION_HEADING, USAGE_HEADING, model_card, with_evaluation
-from jobs.config import Config
+from qlora_ray.card import EVALUATION_HEADING, USAGE_HEADING, model_card, with_evaluation
+from qlora_ray.config import Config
 
 SIDE = {"count": 3, "exact_match": 0.0, "token_f1": 0.25, "rouge_l": 0.2, "bleu": 3.5, "similarity": 0.5,
         "similarity_match_accuracy": 1 / 3}  # fmt: skip

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import Config, ConfigError, from_dict, load_config
+from qlora_ray.config import Config, ConfigError, from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

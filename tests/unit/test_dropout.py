@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from jobs.config import from_dict
 from jobs.dropout import SkipDropout, dropped_positions, use_skip_dropout
-from jobs.model import attach_lora, load_model
+from qlora_ray.config import from_dict
+from qlora_ray.model import attach_lora, load_model
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])

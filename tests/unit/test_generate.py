@@ -6,8 +6,8 @@ import pytest
 import torch
 from adapters import make_adapter
 
-from jobs.config import ModelConfig
-from jobs.generate import (
+from qlora_ray.config import ModelConfig
+from qlora_ray.generate import (
     BASE,
     AdapterError,
     AdapterSet,
@@ -23,7 +23,7 @@ from jobs.generate import (
 
 @pytest.fixture(scope="module")
 def base(tiny_phi_dir):
-    from jobs.generate import load_inference_model
+    from qlora_ray.generate import load_inference_model
 
     return load_inference_model(ModelConfig(name_or_path=str(tiny_phi_dir), quantization="nf4"))
 

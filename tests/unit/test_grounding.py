@@ -7,8 +7,8 @@ import json
 import pytest
 from adapters import FAQ, FAQ_HOLDOUT_FRACTION, write_faq
 
-from jobs.artifacts import ADAPTER_CONFIG, dataset_entry
-from jobs.config import ConfigError, GroundingConfig, from_dict
+from qlora_ray.config import ConfigError, GroundingConfig, from_dict
+from qlora_ray.registry import ADAPTER_CONFIG, dataset_entry
 from serve.grounding import DECLINED, MODEL, STORED, GroundingError, QASet, training_examples
 
 ON = GroundingConfig(enabled=True)
@@ -16,7 +16,7 @@ ON = GroundingConfig(enabled=True)
 
 @pytest.fixture(scope="module")
 def embedder():
-    from jobs.metrics import Similarity
+    from qlora_ray.metrics import Similarity
 
     return Similarity()
 
@@ -43,7 +43,7 @@ def faq_set(embedder, tmp_path_factory):
 
 def test_the_q_and_a_set_is_the_training_split_without_the_holdout(faq_set, tmp_path):
     from data.dataset import split_examples
-    from jobs.config import DataConfig
+    from qlora_ray.config import DataConfig
 
     data = DataConfig(path=str(write_faq(tmp_path / "faq.jsonl")), holdout_fraction=FAQ_HOLDOUT_FRACTION)
     loaded, train, holdout = split_examples(data)
@@ -159,6 +159,6 @@ def test_grounded_adapter_names_are_checked_when_the_app_is_built(tmp_path, capl
         assert app("faq", "fqa") is not None
     assert [r.getMessage() for r in caplog.records if "fqa" in r.getMessage()] == [
         f"serve.grounding.adapters: {registry} holds no adapter 'fqa'; its answers are grounded once one is "
-        "registered under that name. Check the spelling: python -m jobs.artifacts list"
+        "registered under that name. Check the spelling: qlora-ray artifacts list"
     ]
     assert not any("'faq'" in r.getMessage() for r in caplog.records)

@@ -11,7 +11,6 @@ import torch
 
 from data.dataset import prepare
 from data.tokenize import TokenizeSettings, collate
-from jobs.config import from_dict
 from jobs.loop import (
     ADAPTER_DIR,
     STATE_FILE,
@@ -23,7 +22,8 @@ from jobs.loop import (
     seed_everything,
     train,
 )
-from jobs.model import attach_lora, load_model, load_tokenizer
+from qlora_ray.config import from_dict
+from qlora_ray.model import attach_lora, load_model, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.metrics import Similarity, corpus_bleu, exact_match, normalize_answer, rouge_l, summarize, token_f1
+from qlora_ray.metrics import Similarity, corpus_bleu, exact_match, normalize_answer, rouge_l, summarize, token_f1
 
 
 def test_squad_normalisation_exact_match_and_f1():

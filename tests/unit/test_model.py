@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from jobs.config import from_dict
-from jobs.model import (
+from qlora_ray.config import from_dict
+from qlora_ray.model import (
     ModelError,
     attach_lora,
     check_vocabulary,

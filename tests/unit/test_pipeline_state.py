@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import load_config
 from jobs.pipeline import PipelineState, StageError
+from qlora_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

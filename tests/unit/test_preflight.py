@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import load_config
 from jobs.preflight import main, optimizer_steps, run_preflight
+from qlora_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "configs/quickstart.yaml")

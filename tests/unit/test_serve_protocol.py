@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from data.templates import build_prompt, example_from_messages, messages_for
-from jobs.config import ConfigError, from_dict
+from qlora_ray.config import ConfigError, from_dict
 from serve.app import KEYS_VARIABLE, api_keys, build_app
 from serve.protocol import ApiError, ChatRequest, CompletionRequest, error_from_validation
 
@@ -92,7 +92,7 @@ def test_serve_settings_that_cannot_work_are_refused_with_the_fix():
 
 
 def test_an_adapter_saved_with_settings_the_schema_no_longer_has_still_serves_with_its_prompt_format(tmp_path):
-    from jobs.artifacts import ADAPTER_CONFIG
+    from qlora_ray.registry import ADAPTER_CONFIG
     from serve.generator import _prompt_settings
 
     (tmp_path / ADAPTER_CONFIG).write_text(

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from jobs.config import ConfigError, from_dict
+from qlora_ray.config import ConfigError, from_dict
 from tune import report
 from tune.space import SweepError, grid_points, param_space, scheduler, searcher, trial_config, trial_count
 from tune.sweep import trial_resources

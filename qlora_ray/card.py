@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.config import Config
+from qlora_ray.config import Config
 
 EVALUATION_HEADING = "## Evaluation"
 USAGE_HEADING = "## How to get started"

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from qlora_ray.errors import QloraRayError
+
 STARTER_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_QA_TEMPLATE = "{context}\nQuestion: {question}\nAnswer:"
 
@@ -351,7 +353,7 @@ def changed_keys(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, 
     ]
 
 
-class ConfigError(ValueError):
+class ConfigError(QloraRayError, ValueError):
     """Every problem of one config at once, each with its key path and the fix."""
 
     def __init__(self, source: str, problems: list[str]):
@@ -371,17 +373,6 @@ def pin_local_paths(cfg: Config) -> Config:
         if value and "://" not in value:
             raw[section][key] = str(Path(value).expanduser().resolve())
     return from_dict(raw)
-
-
-def config_from_cli(prog: str, description: str, argv: list[str] | None, example: str) -> Config:
-    """The command line every job shares: ``--config PATH`` plus dotted overrides. Raises ConfigError."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
-    args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

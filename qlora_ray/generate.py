@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from data.tokenize import encode_prompt
-from jobs.config import ModelConfig
-from jobs.model import load_model
+from qlora_ray.config import ModelConfig
+from qlora_ray.errors import QloraRayError
+from qlora_ray.model import load_model
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 SAFE_WEIGHTS = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(QloraRayError, ValueError):
     """An adapter directory that cannot be served; the message says why and what to do."""
 
 

@@ -1,0 +1,182 @@
+"""What a person sees on the console, and where everything else goes.
+
+By default the console tells the project's story: the log lines of our own packages (stages, progress with
+ETA, warnings that need the user, summaries) and every error from any process. Everything else (Ray's and the
+libraries' info lines, deprecation warnings, progress bars) goes to the run's log file and to Ray's own logs.
+``--verbose`` (``-v``) puts everything back on the console.
+
+The choice travels to Ray workers in the ``QLORA_RAY_VERBOSE`` environment variable: a local Ray inherits the
+driver's environment, and Train workers get it in their runtime environment. Every process we start code in
+(driver, Train worker, evaluation actor, Serve replica) calls :func:`setup` or :func:`setup_worker` first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECT_LOGGERS = frozenset({"data", "jobs", "tune", "serve", "qlora_ray", "bench", "__main__"})
+VERBOSE_ENV = "QLORA_RAY_VERBOSE"
+LOG_DIR_ENV = "QLORA_RAY_LOG_DIR"
+# Libraries' own switches for their progress bars and info lines, read when they are imported or used.
+_QUIET_LIBRARIES = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",  # Tune's old reporter, which prints nothing at verbose=0
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+}
+_FORMAT_FILE = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_handlers: list[logging.Handler] = []
+log = logging.getLogger(__name__)
+
+
+class _Story(logging.Filter):
+    """Our own lines from INFO up, and anyone's errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        return record.levelno >= logging.INFO and record.name.split(".", 1)[0] in PROJECT_LOGGERS
+
+
+class Progress:
+    """The one progress display of a long task: a line when it starts, then every ``every_s`` seconds, with ETA."""
+
+    def __init__(self, what: str, total: int, every_s: float = 15.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.done = 0
+        self.start = self.last = time.monotonic()
+        log.info("%s: %d to go", what, total)
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.done < self.total and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = now - self.start
+        eta = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
+        log.info("%s: %d/%d, %s elapsed, eta %s", self.what, self.done, self.total, clock(elapsed), clock(eta))
+
+
+def clock(seconds: float) -> str:
+    """``1m05s`` (or ``12s``)."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def verbose() -> bool:
+    """Whether this process shows everything (``--verbose``, or ``QLORA_RAY_VERBOSE=1`` from its driver)."""
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def setup(verbose: bool = False) -> None:
+    """Configure the driver's console; call once at the start of a command, before Ray or models load."""
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if not verbose:
+        for name, value in _QUIET_LIBRARIES.items():
+            os.environ.setdefault(name, value)
+    logging.captureWarnings(True)
+    _install(_console_handler(verbose))
+
+
+def setup_worker(rank: int = 0) -> None:
+    """Configure a Ray worker process the same way: rank 0 (or a lone actor) tells the story, others only warn."""
+    quiet = not verbose()
+    if quiet:
+        for name, value in _QUIET_LIBRARIES.items():
+            os.environ.setdefault(name, value)
+        _quiet_transformers()
+        logging.getLogger("ray").setLevel(logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if quiet:
+        handler.addFilter(_Story())
+    if rank != 0:
+        handler.setLevel(logging.WARNING)
+    _install(handler)
+
+
+def open_log(path: str | Path) -> Path:
+    """Also write every record (ours and the libraries', INFO and up) to ``path``; returns it, absolute."""
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_FORMAT_FILE))
+    logging.getLogger().addHandler(handler)
+    _handlers.append(handler)
+    return path
+
+
+def close_log() -> None:
+    """Stop writing to the log file :func:`open_log` opened (at the end of a command)."""
+    root = logging.getLogger()
+    for handler in [h for h in _handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+        _handlers.remove(handler)
+
+
+def log_path(command: str, run_name: str) -> Path:
+    """Where a command's log goes: ``$QLORA_RAY_LOG_DIR`` (default ``logs/``) / ``<run.name>.<command>.log``."""
+    return Path(os.environ.get(LOG_DIR_ENV, "logs")) / f"{run_name}.{command}.log"
+
+
+def ray_init_options() -> dict[str, Any]:
+    """Keyword arguments for ``ray.init``: Ray's own loggers in every process of the job at WARNING unless verbose.
+
+    ``ray.init`` also configures this (the driver's) root logger; :func:`restore` puts ours back afterwards.
+    """
+    import ray
+
+    if verbose():
+        return {"log_to_driver": True}
+    return {"log_to_driver": True, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+
+
+def restore() -> None:
+    """Put our handlers back as the root logger's only ones (after ``ray.init`` added its own)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler not in _handlers:
+            root.removeHandler(handler)
+    for handler in _handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _console_handler(verbose: bool) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not verbose:
+        handler.addFilter(_Story())
+    return handler
+
+
+def _install(console: logging.Handler) -> None:
+    """``console`` as the root logger's console handler, replacing any earlier one (files are kept)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+    _handlers[:] = [h for h in _handlers if isinstance(h, logging.FileHandler)] + [console]
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    if not verbose():
+        _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """transformers writes to a handler of its own and draws progress bars when it loads weights: send its
+    lines through ours (the log file; the console filters them) and turn the bars off."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()
