@@ -87,11 +87,10 @@ def setup(verbose: bool = False) -> None:
 def setup_worker(rank: int = 0) -> None:
     """Configure a Ray worker process the same way: rank 0 (or a lone actor) tells the story, others only warn."""
     quiet = not verbose()
+    quiet_libraries()
     if quiet:
-        for name, value in _QUIET_LIBRARIES.items():
-            os.environ.setdefault(name, value)
-        _quiet_transformers()
-        logging.getLogger("ray").setLevel(logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Train's per-report and checkpoint lines
+    logging.captureWarnings(True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     if quiet:
@@ -99,6 +98,16 @@ def setup_worker(rank: int = 0) -> None:
     if rank != 0:
         handler.setLevel(logging.WARNING)
     _install(handler)
+
+
+def quiet_libraries() -> None:
+    """Unless verbose: no progress bars, Ray's and transformers' info lines off the console (a Serve replica, whose
+    logging Serve itself configures, calls only this)."""
+    if verbose():
+        return
+    for name, value in _QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
+    _quiet_transformers()
 
 
 def open_log(path: str | Path) -> Path:
@@ -139,7 +148,12 @@ def ray_init_options() -> dict[str, Any]:
 
 
 def restore() -> None:
-    """Put our handlers back as the root logger's only ones (after ``ray.init`` added its own)."""
+    """Put our handlers back as the root logger's only ones (after ``ray.init`` added its own).
+
+    Does nothing in a process whose console is not ours (:func:`setup` never ran, e.g. under pytest).
+    """
+    if not _handlers:
+        return
     root = logging.getLogger()
     for handler in list(root.handlers):
         if handler not in _handlers:

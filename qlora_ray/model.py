@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,8 @@ def starter_model_dir() -> Path:
 def _convert_gguf(directory: Path, filename: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", filename, target)
+    started = time.monotonic()
+    log.info("converting %s to safetensors in %s (once, about 30 s)", filename, target)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
     dequantised = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
     config = dequantised.config
@@ -77,6 +79,7 @@ def _convert_gguf(directory: Path, filename: str, target: Path) -> None:
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     staging.rename(target)
+    log.info("converted in %.0f s", time.monotonic() - started)
 
 
 def _hub_error(name: str, err: Exception) -> ModelError:

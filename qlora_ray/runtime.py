@@ -45,6 +45,7 @@ def start_ray() -> Any:
             f"cannot reach the Ray cluster ({reason}). Check that it runs (ray status) and that "
             "RAY_ADDRESS is right; clusters started with `ray start` need RAY_AUTH_MODE=token on Ray >= 2.60"
         ) from None
+    console.restore()
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
     return ray

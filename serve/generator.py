@@ -30,6 +30,7 @@ from typing import Any
 from ray import serve
 
 from data.formats import DataError
+from qlora_ray import console
 from qlora_ray.config import ConfigError, from_dict
 from qlora_ray.registry import MANIFEST, Registry, RegistryError, saved_data_config
 from serve.grounding import MODEL, QASet, training_examples
@@ -81,6 +82,7 @@ class Generator:
         from qlora_ray.generate import AdapterSet, load_inference_model
         from qlora_ray.model import load_tokenizer
 
+        console.quiet_libraries()
         self.cfg = from_dict(config, source="serve app")
         serve_cfg = self.cfg.serve
         torch.set_num_threads(max(1, round(serve_cfg.cpus_per_replica)))

@@ -1,1 +1,9 @@
-"""Ray Tune sweeps over LoRA rank and learning rate (see the sweep issue)."""
+"""Ray Tune sweeps: the search space, the sweep driver, best-trial selection and the sweep report.
+
+Lives here: ``space`` (the search space keyed by dotted config keys, searchers, ASHA), ``sweep`` (the driver:
+every trial is a run of the train job's ``TorchTrainer``; the best trial is registered) and ``report``
+(trials.csv, trials.json, sweep.png and the console table).
+
+May import: ``data``, ``qlora_ray`` and the ``jobs`` stages it runs (train, preflight, export, evaluate).
+Never ``serve``, and never the pipeline: the pipeline imports this room, not the other way round.
+"""

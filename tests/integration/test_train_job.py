@@ -144,3 +144,22 @@ def test_a_local_storage_path_is_refused_on_a_multi_node_cluster(tiny_phi_dir, t
         -5000:
     ]
     assert not (tmp_path / "multi").exists()  # refused before anything was written
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_a_failure_inside_a_train_worker_reaches_the_console(tiny_phi_dir, tmp_path, verbose):
+    """Quiet by default, but never about a failure: a worker's error is on the console, with or without -v."""
+    command = _command(tiny_phi_dir, tmp_path, "diverges", "lora.alpha=1e30", "train.max_steps=2",
+                       *(["--verbose"] if verbose else []))  # fmt: skip
+    env = {**ENV, "QLORA_RAY_LOG_DIR": str(tmp_path / "logs")}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 1, console[-3000:]
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert "training failed: rank 0:" in error and "the run diverged. Lower train.lr" in error, console[-3000:]
+    assert "Traceback" not in error
+    ray_train_lines = [line for line in console.splitlines() if "Requesting resources" in line]
+    assert bool(ray_train_lines) == verbose, console[-3000:]  # Ray Train's own info lines only with -v
+    log_file = tmp_path / "logs" / "diverges.train.log"
+    assert "the run diverged" in log_file.read_text()

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from test_registry import PHI2, fake_adapter, manifest
 
 from jobs.artifacts import main
+from jobs.cli import main as cli_main
 from qlora_ray.registry import Registry
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cli_lists_shows_and_finds_the_best(tmp_path, capsys):
@@ -55,3 +62,61 @@ def test_cli_reads_the_registry_from_a_config(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
+
+
+COMMANDS = ["preflight", "train", "sweep", "evaluate", "serve", "pipeline"]
+QUICKSTART = "configs/quickstart.yaml"
+
+
+def test_the_console_script_lists_every_command():
+    script = Path(sys.executable).parent / "qlora-ray"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0
+    for command in [*COMMANDS, "artifacts"]:
+        assert f"  {command}" in proc.stdout
+
+
+def test_an_unknown_command_is_one_error_line_and_exit_1(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["trian"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: argument COMMAND: invalid choice: 'trian'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_reports_a_config_mistake_the_same_way(command, capsys):
+    extra = ["--adapter", "x"] if command == "evaluate" else []
+    assert cli_main([command, "--config", QUICKSTART, "lora.rank=8", *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 problem(s) in config configs/quickstart.yaml")
+    assert "lora.rank: unknown key; did you mean lora.r?" in err and "Traceback" not in err
+
+
+def test_a_missing_flag_is_exit_1_with_the_command_named(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["evaluate", "--config", QUICKSTART])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: the following arguments are required: --adapter" in err and "qlora-ray evaluate --help" in err
+
+
+def test_the_python_m_forms_are_the_same_commands():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.preflight", "--config", QUICKSTART, "train.lr=2"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.startswith("error: 1 problem(s) in config")
+    assert "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_command_writes_its_log_file_and_says_where(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QLORA_RAY_LOG_DIR", str(tmp_path / "logs"))
+    location = tmp_path / "registry"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run:\n  name: logged\n  registry: {location}\n")
+    assert cli_main(["preflight", "--config", str(config), "data.path=missing.jsonl"]) == 1
+    err = capsys.readouterr().err
+    log_file = tmp_path / "logs" / "logged.preflight.log"
+    assert f"log: {log_file}" in err and "missing.jsonl" in err
+    assert "missing.jsonl" in log_file.read_text()
