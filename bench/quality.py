@@ -38,7 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from serve_load import free_port  # noqa: E402  (bench/ is this script's directory)
 
-METRICS = ["exact_match", "token_f1", "rouge_l", "bleu", "similarity", "similarity_match_accuracy"]
+from qlora_ray import metrics  # noqa: E402
+
+# The metrics of the grounded tables, which show a few to stay readable.
+F1, MATCH = metrics.by_name("token_f1"), metrics.by_name("similarity_match_accuracy")
 PLAIN, GROUNDED = "faq", "faq-grounded"
 # Questions a visitor of a Galaxy / Alibaba Cloud FAQ bot might type that its Q&A set does not cover.
 OFF_TOPIC = [
@@ -94,8 +97,9 @@ def measure(name: str, changes: dict, work: Path) -> dict:
 
 
 def _header(first: str) -> list[str]:
-    """The two header lines of a Markdown table: ``first``, rows, then one column per metric."""
-    return [f"| {first} | rows | " + " | ".join(METRICS) + " |", ("| --- | --- | " + "--- | " * len(METRICS)).rstrip()]
+    """The two header lines of a Markdown table: ``first``, rows, then one column per metric of the table."""
+    labels = [m.label for m in metrics.METRICS]
+    return [f"| {first} | rows | " + " | ".join(labels) + " |", ("| --- | --- | " + "--- | " * len(labels)).rstrip()]
 
 
 def markdown(result: dict) -> str:
@@ -108,16 +112,17 @@ def markdown(result: dict) -> str:
     ]
     for group, sides in groups.items():
         cells = []
-        for metric in METRICS:
-            base, tuned = sides["base"][metric], sides["tuned"][metric]
-            mark = "" if tuned > base else (" =" if tuned == base else " (worse)")
-            cells.append(f"{base:.3f} -> {tuned:.3f}{mark}")
+        for m in metrics.METRICS:
+            base, tuned = sides["base"][m.name], sides["tuned"][m.name]
+            mark = "" if m.better(tuned, base) else (" =" if tuned == base else " (worse)")
+            cells.append(_pair(m, sides["base"], sides["tuned"]) + mark)
         lines.append(f"| {group} | {sides['base']['count']} | " + " | ".join(cells) + " |")
     overall = groups["overall"]
     lines += ["", f"holdout loss {overall['base']['holdout_loss']:.3f} -> {overall['tuned']['holdout_loss']:.3f}, "
               f"perplexity {overall['base']['holdout_perplexity']:.1f} -> {overall['tuned']['holdout_perplexity']:.1f}"]
-    wins = sum(sides["tuned"][m] > sides["base"][m] for sides in groups.values() for m in METRICS)
-    lines.append(f"fine-tuned better on {wins} of {len(METRICS) * len(groups)} metric x group cells")
+    # A win is a better score by the metric's own direction (a lower-is-better metric wins by falling).
+    wins = sum(m.better(s["tuned"][m.name], s["base"][m.name]) for s in groups.values() for m in metrics.METRICS)
+    lines.append(f"fine-tuned better on {wins} of {len(metrics.METRICS) * len(groups)} metric x group cells")
     return "\n".join(lines)
 
 
@@ -190,15 +195,11 @@ def _offline(registry: Path, examples: list[dict], plain: list[tuple[str, str]])
 
 
 def grounded_markdown(g: dict) -> str:
-    from jobs.evaluate import SIMILARITY_THRESHOLD
-    from qlora_ray.metrics import Similarity, summarize
-
-    similarity, refs, n = Similarity(), g["references"], g["rows"]
+    similarity, refs, n = metrics.Similarity(), g["references"], g["rows"]
 
     def scores(texts: list[str], idx: list[int]) -> dict:
         picked = [texts[i] for i in idx]
-        return summarize(picked, [refs[i] for i in idx], similarity.scores(picked, [refs[i] for i in idx]),
-                         SIMILARITY_THRESHOLD)  # fmt: skip
+        return metrics.summarize(picked, [refs[i] for i in idx], similarity.scores(picked, [refs[i] for i in idx]))
 
     plain, grounded_ = [a for a, _ in g["plain"]], [a for a, _ in g["grounded"]]
     sources = [s for _, s in g["grounded"]]
@@ -212,8 +213,9 @@ def grounded_markdown(g: dict) -> str:
     every = list(range(n))
     for label, texts in (("adapter alone", plain), ("adapter + grounding", grounded_)):
         cells = scores(texts, every)
-        lines.append(f"| {label} | {n} | " + " | ".join(f"{cells[m]:.3f}" for m in METRICS) + " |")
-    lines += ["", "| path (grounded) | share | token_f1 alone -> grounded | similarity_match alone -> grounded |",
+        shown = [f"{cells[m.name]:{m.short_fmt}}" for m in metrics.METRICS]
+        lines.append(f"| {label} | {n} | " + " | ".join(shown) + " |")
+    lines += ["", f"| path (grounded) | share | {F1.label} alone -> grounded | {MATCH.label} alone -> grounded |",
               "| --- | --- | --- | --- |"]  # fmt: skip
     for path in ("stored", "model", "declined"):
         idx = [i for i in every if sources[i] == path]
@@ -221,20 +223,24 @@ def grounded_markdown(g: dict) -> str:
             lines.append(f"| {path} | 0 of {n} | - | - |")
             continue
         a, b = scores(plain, idx), scores(grounded_, idx)
-        lines.append(f"| {path} | {len(idx)} of {n} ({len(idx) / n:.0%}) | {a['token_f1']:.3f} -> {b['token_f1']:.3f} "
-                     f"| {a['similarity_match_accuracy']:.3f} -> {b['similarity_match_accuracy']:.3f} |")  # fmt: skip
+        lines.append(f"| {path} | {len(idx)} of {n} ({len(idx) / n:.0%}) | {_pair(F1, a, b)} | {_pair(MATCH, a, b)} |")
     declined = sum(s == "declined" for _, s in g["off_topic"])
     lines += ["", f"off-topic questions declined: {declined} of {len(g['off_topic'])}", "",
               "Other thresholds (offline: the replica's decision code on the same questions, model answers as served):",
-              "", "| exact | domain | stored | model | declined | token_f1 | similarity_match | off-topic declined |",
+              "", f"| exact | domain | stored | model | declined | {F1.label} | {MATCH.label} | off-topic declined |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for row in g["offline"]:
         cells = scores(row["answers"], every)
         count = {p: row["sources"].count(p) for p in ("stored", "model", "declined")}
         lines.append(f"| {row['exact']} | {row['domain']} | {count['stored']} | {count['model']} | {count['declined']} "
-                     f"| {cells['token_f1']:.3f} | {cells['similarity_match_accuracy']:.3f} "
+                     f"| {cells[F1.name]:{F1.short_fmt}} | {cells[MATCH.name]:{MATCH.short_fmt}} "
                      f"| {row['off_topic_declined']} of {len(OFF_TOPIC)} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _pair(metric: metrics.Metric, before: dict, after: dict) -> str:
+    """``metric``'s score in two summaries, as "before -> after"."""
+    return f"{before[metric.name]:{metric.short_fmt}} -> {after[metric.name]:{metric.short_fmt}}"
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def run_grid(extra: list[str]) -> dict:
         trials = []
         for r in RANKS:
             for lr in LRS:
-                cfg = trial_config(base, {"r": r, "lr": lr})
+                cfg = trial_config(base, {"lora.r": r, "train.lr": lr})
                 seed_everything(cfg.train.seed)
                 model = attach_lora(load_model(cfg.model), cfg)
                 losses: list[float] = []

@@ -1,14 +1,15 @@
 """The one prompt formatter: training, evaluation and serving all build prompts here.
 
-Tags such as ``<GALAXY>`` stay plain text inside the prompt; no special tokens are added.
+Each function asks the example's format (:data:`data.formats.FORMATS`) what to do, so these are the stable
+entry points and the formats hold the behaviour. Tags such as ``<GALAXY>`` stay plain text inside the prompt;
+no special tokens are added.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+from data.formats.registry import format_named
 
 
 def build_prompt(example: dict[str, Any], template: str, tokenizer: Any = None) -> str:
@@ -16,37 +17,18 @@ def build_prompt(example: dict[str, Any], template: str, tokenizer: Any = None) 
 
     Args:
         example: a normalised example; its ``completion`` is not used.
-        template: ``data.template`` for context QA rows.
-        tokenizer: needed only for chat rows, which use the tokenizer's chat template.
+        template: ``data.template``, for formats that use it (context QA).
+        tokenizer: needed only by formats that render with the tokenizer's chat template (chat).
+
+    Raises:
+        ValueError: the example's format is unknown, or cannot be rendered with this tokenizer.
     """
-    fmt = example["format"]
-    if fmt == "prompt_completion":
-        return example["prompt"]
-    if fmt == "context_qa":
-        return template.format(context=example["context"], question=example["question"])
-    if fmt == "alpaca":
-        if example.get("context"):
-            return ALPACA_TEMPLATE.format(instruction=example["question"], input=example["context"])
-        return ALPACA_TEMPLATE_NO_INPUT.format(instruction=example["question"])
-    if fmt == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "chat rows need a tokenizer with a chat template; this model has none. Use prompt/completion "
-                "rows, or a model whose tokenizer_config.json carries a chat_template"
-            )
-        return tokenizer.apply_chat_template(example["messages"], tokenize=False, add_generation_prompt=True)
-    raise ValueError(f"unknown example format {fmt!r}")
+    return format_named(example["format"]).prompt(example, template, tokenizer)
 
 
 def messages_for(example: dict[str, Any]) -> list[dict[str, str]]:
     """The chat messages that ask ``example``'s question: what :func:`example_from_messages` turns back into it."""
-    fmt = example["format"]
-    if fmt == "chat":
-        return list(example["messages"])
-    if fmt == "prompt_completion":
-        return [{"role": "user", "content": example["prompt"]}]
-    context = [{"role": "system", "content": example["context"]}] if example.get("context") else []
-    return [*context, {"role": "user", "content": example["question"]}]
+    return format_named(example["format"]).messages(example)
 
 
 def question_of(example: dict[str, Any]) -> tuple[str, str]:
@@ -55,13 +37,7 @@ def question_of(example: dict[str, Any]) -> tuple[str, str]:
     The context is the passage of ``context_qa`` and ``alpaca`` rows; a chat's system messages are instructions,
     not a passage, so chats have none.
     """
-    fmt = example["format"]
-    if fmt == "chat":
-        users = [m["content"] for m in example["messages"] if m["role"] == "user"]
-        return "", users[-1] if users else ""
-    if fmt == "prompt_completion":
-        return "", example["prompt"]
-    return example.get("context") or "", example["question"]
+    return format_named(example["format"]).question(example)
 
 
 def example_from_messages(messages: list[dict[str, str]], fmt: str) -> dict[str, Any]:
@@ -70,13 +46,8 @@ def example_from_messages(messages: list[dict[str, str]], fmt: str) -> dict[str,
     ``chat`` keeps the conversation for the chat template. The other formats are single-turn: the last user
     message is the prompt (``prompt_completion``) or the question (``context_qa``, ``alpaca``), and the system
     messages, if any, are the context.
+
+    Raises:
+        ValueError: ``fmt`` is unknown, or the messages cannot be asked in it (no user message).
     """
-    if fmt == "chat":
-        return {"format": "chat", "messages": messages}
-    user = [m["content"] for m in messages if m["role"] == "user"]
-    if not user:
-        raise ValueError("messages: there is no user message to answer; add one with role 'user'")
-    context = "\n".join(m["content"] for m in messages if m["role"] == "system")
-    if fmt in ("context_qa", "alpaca"):
-        return {"format": fmt, "question": user[-1], "context": context}
-    return {"format": "prompt_completion", "prompt": user[-1]}
+    return format_named(fmt).from_messages(messages)

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from data.formats.registry import format_named
 from data.templates import build_prompt
 from qlora_ray.errors import QloraRayError
 
@@ -112,48 +113,18 @@ def encode_prompt(tokenizer: Any, text: str) -> list[int]:
 def _truncate_prompt(
     example: dict[str, Any], tokenizer: Any, settings: TokenizeSettings, prompt: list[int], budget: int
 ) -> list[int] | None:
-    """Fit the prompt into ``budget`` tokens, or None when it cannot be done without losing the answer."""
+    """Fit the prompt into ``budget`` tokens the example's format's way, or None when it cannot be done.
+
+    Most formats keep the end of the prompt; context QA keeps a window of the context around the answer
+    (:meth:`data.formats.base.Format.shorten_prompt`).
+    """
     if budget < 1:
         return None  # the completion alone does not fit
-    if example["format"] != "context_qa":
-        return prompt[len(prompt) - budget :]  # keep the end, next to the completion
-    # Context QA: keep a window of the context around the answer, so the answer is never cut away.
-    overflow = len(prompt) - budget
-    for _ in range(4):  # re-tokenising the shortened context can differ by a token or two
-        context = _context_window(example, tokenizer, overflow)
-        if context is None:
-            return None
-        shortened = encode_prompt(tokenizer, build_prompt({**example, "context": context}, settings.template))
-        if len(shortened) <= budget:
-            return shortened
-        overflow += len(shortened) - budget
-    return None
 
+    def render(shortened: dict[str, Any]) -> list[int]:
+        return encode_prompt(tokenizer, build_prompt(shortened, settings.template, tokenizer))
 
-def _context_window(example: dict[str, Any], tokenizer: Any, drop: int) -> str | None:
-    """The context less ``drop`` tokens, keeping the answer span inside; None if that is impossible."""
-    context = example["context"]
-    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    keep = len(offsets) - drop
-    if keep <= 0:
-        return None
-    span = _answer_span(context, example["completion"], example["answer_start"])
-    if span is None:
-        first = 0  # the answer is not in the context: keep its start
-    else:
-        tokens = [i for i, (s, e) in enumerate(offsets) if s < span[1] and e > span[0]]
-        lo, hi = tokens[0], tokens[-1] + 1
-        if hi - lo > keep:
-            return None
-        first = min(max(0, lo - (keep - (hi - lo)) // 2), len(offsets) - keep)
-    return context[offsets[first][0] : offsets[first + keep - 1][1]]
-
-
-def _answer_span(context: str, answer: str, start: int | None) -> tuple[int, int] | None:
-    if start is not None and context[start : start + len(answer)] == answer:
-        return start, start + len(answer)
-    found = context.find(answer)  # answer_start is wrong in some real data
-    return (found, found + len(answer)) if found >= 0 else None
+    return format_named(example["format"]).shorten_prompt(example, prompt, budget, tokenizer, render)
 
 
 # --- batching ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 
 from data.templates import build_prompt, question_of
 from jobs.preflight import prepare_run
-from qlora_ray import cli, console
+from qlora_ray import cli, console, metrics
 from qlora_ray.config import Config, from_dict
 from qlora_ray.registry import Registry
 from qlora_ray.runtime import start_ray
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 EVAL_FILE = "eval.json"
 ADAPTER = "evaluated"  # the adapter's name inside an evaluation worker
-SIMILARITY_THRESHOLD = 0.75  # the FAQ seed's "similarity match" threshold
 EXAMPLES = 5
 BATCH = 8
 
@@ -171,10 +170,8 @@ def _holdout_loss(config: dict[str, Any], directory: str, rows: list[dict[str, A
 
 
 def score(examples: list[dict[str, Any]], answers: dict[int, Any], loss: dict[str, float]) -> dict[str, Any]:
-    """Metrics overall and per tag for base and fine-tuned, plus example rows."""
-    from qlora_ray.metrics import Similarity, summarize
-
-    similarity = Similarity()
+    """Every metric of ``qlora_ray.metrics.METRICS`` overall and per tag, for base and fine-tuned, plus example rows."""
+    similarity = metrics.Similarity()
     refs = [ex["completion"] for ex in examples]
     base = [answers[i][0] for i in range(len(examples))]
     tuned = [answers[i][1] for i in range(len(examples))]
@@ -183,13 +180,12 @@ def score(examples: list[dict[str, Any]], answers: dict[int, Any], loss: dict[st
     groups = {"overall": list(range(len(examples)))} | {
         tag: [i for i, ex in enumerate(examples) if (ex.get("tag") or "untagged") == tag] for tag in tags
     }
-    report: dict[str, Any] = {"similarity_threshold": SIMILARITY_THRESHOLD, "groups": {}}
+    report: dict[str, Any] = {"similarity_threshold": metrics.SIMILARITY_THRESHOLD, "groups": {}}
     for group, idx in groups.items():
         report["groups"][group] = {
-            side: summarize([texts[i] for i in idx], [refs[i] for i in idx], [sim[side][i] for i in idx],
-                            SIMILARITY_THRESHOLD)
+            side: metrics.summarize([texts[i] for i in idx], [refs[i] for i in idx], [sim[side][i] for i in idx])
             for side, texts in (("base", base), ("tuned", tuned))
-        }  # fmt: skip
+        }
     for side in ("base", "tuned"):
         report["groups"]["overall"][side]["holdout_loss"] = loss[side]
         report["groups"]["overall"][side]["holdout_perplexity"] = math.exp(min(loss[side], 50.0))
@@ -219,12 +215,12 @@ def _write(cfg: Config, directory: str, registry_name: str | None, report: dict[
 
 def table(report: dict[str, Any]) -> str:
     """The report as a readable table: one line per group and metric, base vs fine-tuned."""
-    metrics = ["exact_match", "token_f1", "rouge_l", "bleu", "similarity", "similarity_match_accuracy"]
     lines = [f"{'group':<14} {'metric':<26} {'base':>9} {'tuned':>9}"]
+    answers = [(m.name, m.fmt) for m in metrics.METRICS]
+    losses = [("holdout_loss", ".4f"), ("holdout_perplexity", ".4f")]  # measured over the whole holdout split only
     for group, sides in report["groups"].items():
-        names = metrics + (["holdout_loss", "holdout_perplexity"] if group == "overall" else [])
-        for metric in names:
-            lines.append(f"{group:<14} {metric:<26} {sides['base'][metric]:>9.4f} {sides['tuned'][metric]:>9.4f}")
+        for name, fmt in answers + (losses if group == "overall" else []):
+            lines.append(f"{group:<14} {name:<26} {sides['base'][name]:>9{fmt}} {sides['tuned'][name]:>9{fmt}}")
         lines.append(f"{group:<14} {'rows':<26} {sides['base']['count']:>9d}")
     return "\n".join(lines)
 

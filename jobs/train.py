@@ -156,6 +156,7 @@ def build_trainer(
             ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": worker_env()},
+            logging_config=console.train_logging(),
             callbacks=callbacks or [],
         ),
         datasets={"train": ray.data.from_items(train_rows), "holdout": ray.data.from_items(holdout_rows)},

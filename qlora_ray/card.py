@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from data.formats import FORMATS
+from qlora_ray import metrics as answer_metrics  # not `metrics`: model_card's `metrics` are a run's numbers
 from qlora_ray.config import Config
 
 EVALUATION_HEADING = "## Evaluation"
@@ -64,7 +66,8 @@ def model_card(
     duration = "not recorded" if seconds is None else f"{seconds / 60:.1f} min of training (evaluations included)"
     devices = "GPU" if train.use_gpu else "CPU"
     template = cfg.data.template.encode("unicode_escape").decode()
-    template = f", template `{template}`" if cfg.data.format == "context_qa" else ""
+    shown = cfg.data.format in FORMATS and FORMATS[cfg.data.format].uses_template  # unknown while "auto"
+    template = f", template `{template}`" if shown else ""
     versions = "\n".join(f"- {name} {version}" for name, version in framework_versions().items())
     return f"""---
 base_model: {base}
@@ -136,9 +139,9 @@ Not evaluated yet: `python -m jobs.evaluate --config CONFIG --adapter {cfg.run.n
 """
 
 
-_SHOWN = [("exact_match", "exact match"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"), ("bleu", "BLEU"),
-          ("similarity", "similarity (all-MiniLM-L6-v2)"), ("similarity_match_accuracy", "similarity match accuracy"),
-          ("holdout_loss", "holdout loss"), ("holdout_perplexity", "holdout perplexity")]  # fmt: skip
+# Not answer metrics (they come from the holdout loss, measured once over the whole split): shown after the table's.
+_LOSSES = [("holdout_loss", "holdout loss"), ("holdout_perplexity", "holdout perplexity")]
+PER_TAG = ("token_f1", "similarity")  # the per-tag table's columns: a few metrics keep it narrow
 
 
 def evaluation_section(report: dict[str, Any]) -> str:
@@ -156,17 +159,26 @@ def evaluation_section(report: dict[str, Any]) -> str:
         "| metric | base model | this adapter |",
         "| --- | --- | --- |",
     ]
-    lines += [f"| {label} | {overall['base'][key]:.4f} | {overall['tuned'][key]:.4f} |" for key, label in _SHOWN
-              if key in overall["base"]]  # fmt: skip
+    shown = [(m.name, m.label, m.fmt) for m in answer_metrics.METRICS] + [(k, label, ".4f") for k, label in _LOSSES]
+    for key, label, fmt in shown:
+        if key in overall["base"]:  # an eval.json from before a metric joined the table lacks it
+            lines.append(f"| {label} | {overall['base'][key]:{fmt}} | {overall['tuned'][key]:{fmt}} |")
     tags = [g for g in groups if g != "overall"]
     if tags:
-        lines += ["", "Per tag (token F1 / similarity), base -> adapter:", ""]
-        lines += ["| tag | rows | token F1 | similarity |", "| --- | --- | --- | --- |"]
-        for tag in tags:
-            b, t = groups[tag]["base"], groups[tag]["tuned"]
-            lines.append(f"| `{tag}` | {b['count']} | {b['token_f1']:.3f} -> {t['token_f1']:.3f} | "
-                         f"{b['similarity']:.3f} -> {t['similarity']:.3f} |")  # fmt: skip
+        lines += ["", *per_tag_table({tag: groups[tag] for tag in tags})]
     return "\n".join(lines) + "\n"
+
+
+def per_tag_table(groups: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The lines of the per-tag table: each tag's rows and :data:`PER_TAG` metrics, base -> adapter."""
+    columns = [answer_metrics.by_name(name) for name in PER_TAG]
+    header = "| tag | rows | " + " | ".join(m.label for m in columns) + " |"
+    lines = ["Per tag, base -> adapter:", "", header, "| --- " * (len(columns) + 2) + "|"]
+    for tag, sides in groups.items():
+        base, tuned = sides["base"], sides["tuned"]
+        cells = [f"{base[m.name]:{m.short_fmt}} -> {tuned[m.name]:{m.short_fmt}}" for m in columns]
+        lines.append(f"| `{tag}` | {base['count']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def with_evaluation(card: str, report: dict[str, Any]) -> str:

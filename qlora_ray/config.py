@@ -13,11 +13,23 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
 
+from data.formats import AUTO, FORMATS
+from qlora_ray import metrics
 from qlora_ray.errors import QloraRayError
 
 STARTER_MODEL = "builtin:smollm2-135m-instruct"
@@ -81,8 +93,10 @@ class DataConfig(_Section):
         "data/samples/faq.jsonl",
         description="A JSON, JSONL, CSV or Parquet file, a local `datasets` directory, or a hub dataset name.",
     )
-    format: Literal["auto", "prompt_completion", "context_qa", "chat", "alpaca"] = Field(
-        "auto", description="Row format; 'auto' detects it from the fields of the data."
+    format: str = Field(
+        AUTO,
+        description="Row format: a name in the formats table (data/formats/registry.py); 'auto' detects it from "
+        "the fields of the data.",
     )
     template: str = Field(
         DEFAULT_QA_TEMPLATE,
@@ -105,6 +119,15 @@ class DataConfig(_Section):
         ge=0,
         description="Tokenise through Ray Data from this many rows on; smaller sets stay in-process.",
     )
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        # Checked against the formats table when validating, so a format registered there is accepted here too.
+        valid = (AUTO, *FORMATS)
+        if value not in valid:
+            raise ValueError(f"{value!r} is not a data format; use one of: {', '.join(valid)}")
+        return value
 
     @field_validator("template")
     @classmethod
@@ -160,13 +183,105 @@ class RunConfig(_Section):
     registry: str = Field("artifacts/registry", description="Directory or URI of the adapter registry.")
 
 
+class SearchDomain(_Section):
+    """Where ``sweep.space`` searches one config key: a list of values, or a float range from ``min`` to ``max``."""
+
+    key: str = Field("", exclude=True, description="The dotted config key searched; sweep.space fills it in.")
+    values: list[Any] | None = Field(
+        None, min_length=1, description="Values to choose among; with search: grid, the values of the grid's axis."
+    )
+    min: float | None = Field(None, description="Lower end of a float range (random and optuna search).")
+    max: float | None = Field(None, description="Upper end of a float range.")
+    log: bool = Field(False, description="Draw from the range log-uniformly (as for learning rates); needs min > 0.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _searchable_key(cls, data: Any) -> Any:
+        # Here rather than in SweepConfig, so that each key's problem is reported at sweep.space.<key>.
+        if isinstance(data, dict) and data.get("key"):
+            _space_field(data["key"])
+        return data
+
+    @field_validator("values")
+    @classmethod
+    def _values_of_key(cls, values: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        key = info.data.get("key")
+        return [_space_value(key, value) for value in values] if key and values is not None else values
+
+    @model_validator(mode="after")
+    def _values_or_range(self) -> SearchDomain:
+        if self.values is not None and (self.min is not None or self.max is not None or self.log):
+            raise ValueError("give either values or a range (min, max, log), not both")
+        if self.values is None and (self.min is None or self.max is None):
+            raise ValueError("give values: [...], or a range with both min and max")
+        if self.values is None and self.min >= self.max:
+            raise ValueError(f"min ({self.min}) must be below max ({self.max})")
+        if self.log and self.min <= 0:
+            raise ValueError(f"log needs min above 0 (got {self.min})")
+        if self.key and self.values is None:
+            if _space_field(self.key).annotation is not float:
+                raise ValueError("not a float setting: list its values (values: [...]) instead of a range")
+            for end in (self.min, self.max):
+                _space_value(self.key, end)
+        return self
+
+
+# The keys that the sweep's shorthand fields search (tune/space.py expands them), and the fields that set each.
+SWEEP_SHORTHAND = {
+    "lora.r": ("ranks",),
+    "train.lr": ("lr_min", "lr_max", "lr_grid"),
+    "lora.alpha": ("alphas", "alpha_per_rank"),
+    "lora.dropout": ("dropouts",),
+}
+# Keys a sweep holds fixed for all its trials: searching one would be silently ignored (the driver prepares the data
+# once) or would measure trials against a step budget or resources that are not theirs.
+_FIXED_IN_SWEEP = {
+    "train.max_seq_len": "the data is tokenised once, for every trial",
+    **dict.fromkeys(
+        ("train.epochs", "train.max_steps", "train.batch_size", "train.grad_accum"),
+        "every trial runs the same number of optimizer steps, which ASHA and the report measure it against",
+    ),
+    **dict.fromkeys(("train.num_workers", "train.use_gpu", "train.cpus_per_worker"), "trial resources are fixed"),
+}
+_SEARCHED_SECTIONS = ("lora", "train")
+
+
+def _space_field(key: str) -> FieldInfo:
+    """The config field that a ``sweep.space`` key names.
+
+    Raises:
+        ValueError: the key names no field (with the closest one), or one that a sweep holds fixed (with why); the
+            error is reported at ``sweep.space.<key>``, so the message does not repeat the key.
+    """
+    section, _, name = key.partition(".")
+    model = _section_model((section,))
+    if model is None:
+        raise ValueError(f"unknown config key{_suggestion((section,))}")
+    if name not in model.model_fields:
+        raise ValueError(f"unknown config key{_suggestion((section, name))}")
+    if section not in _SEARCHED_SECTIONS or key in _FIXED_IN_SWEEP:
+        why = _FIXED_IN_SWEEP.get(key, f"{section} settings hold for the whole sweep")
+        raise ValueError(f"cannot vary between trials ({why}); a sweep searches lora.* and train.* keys")
+    return model.model_fields[name]
+
+
+def _space_value(key: str, value: Any) -> Any:
+    """``value`` validated as a value of the config key ``key``, and coerced (a command line's "1e-4" to 1e-4)."""
+    field = _space_field(key)
+    try:
+        return TypeAdapter(Annotated[field.annotation, field]).validate_python(value)
+    except ValidationError as err:
+        raise ValueError(f"{value!r} is not a valid {key} ({err.errors()[0]['msg']})") from None
+
+
 class SweepConfig(_Section):
-    """A Ray Tune sweep over LoRA rank and learning rate; every trial is a run of the train job."""
+    """A Ray Tune sweep over config keys (by default LoRA rank and learning rate); every trial is a run of the train
+    job."""
 
     search: Literal["random", "grid", "optuna"] = Field(
         "random",
-        description="'random': num_samples draws; 'grid': every rank x lr_grid pair, num_samples times over; "
-        "'optuna': Optuna TPE (pip install optuna).",
+        description="'random': num_samples draws; 'grid': every point of the space (by default every rank x "
+        "lr_grid pair), num_samples times over; 'optuna': Optuna TPE (pip install optuna).",
     )
     num_samples: int = Field(8, ge=1, description="Trials to draw ('random', 'optuna'); grid repeats ('grid').")
     metric: Literal["val_loss", "val_perplexity"] = Field("val_loss", description="Metric that ranks trials.")
@@ -178,15 +293,20 @@ class SweepConfig(_Section):
     alpha_per_rank: float = Field(2.0, gt=0, description="alpha = alpha_per_rank x r, unless alphas is set.")
     alphas: list[float] | None = Field(None, description="Search alpha among these values instead of the rule.")
     dropouts: list[float] | None = Field(None, description="Search LoRA dropout among these values (optional).")
+    space: dict[str, SearchDomain] = Field(
+        default_factory=dict,
+        description="Searched config keys, e.g. {train.warmup_ratio: {values: [0, 0.1]}, train.lr: {min: 1e-5, "
+        "max: 1e-3, log: true}}. The fields above are shorthand for lora.r, train.lr, lora.alpha and lora.dropout; "
+        "a key given here replaces its shorthand.",
+    )
     enabled: bool = Field(
         True, description="python -m jobs.pipeline runs this sweep; false: one training run with the config as is."
     )
-    rank_by: Literal[
-        "metric", "exact_match", "token_f1", "rouge_l", "bleu", "similarity", "similarity_match_accuracy"
-    ] = Field(
+    rank_by: str = Field(
         "metric",
-        description="'metric': the best trial by sweep.metric wins. A generation metric: the rank_top_k best "
-        "trials by sweep.metric answer the holdout split (greedy, as jobs.evaluate does) and the highest score wins.",
+        description="'metric': the best trial by sweep.metric wins. An answer metric of qlora_ray.metrics.METRICS "
+        "(e.g. token_f1): the rank_top_k best trials by sweep.metric answer the holdout split (greedy, as "
+        "jobs.evaluate does) and the best score by that metric's direction wins.",
     )
     rank_top_k: int = Field(3, ge=1, description="Trials that answer the holdout split when rank_by is not 'metric'.")
     early_stopping: bool = Field(True, description="ASHA: stop trials whose holdout metric trails the others'.")
@@ -203,6 +323,15 @@ class SweepConfig(_Section):
     )
     max_retries: int = Field(0, ge=0, description="Restarts of a failed trial before it counts as failed.")
 
+    @field_validator("rank_by")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        # Checked against the metrics table when validating, so a metric added there is accepted here too.
+        valid = ("metric", *metrics.names())
+        if value not in valid:
+            raise ValueError(f"{value!r} is neither 'metric' nor an answer metric; use one of: {', '.join(valid)}")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> SweepConfig:
         if self.lr_min > self.lr_max:
@@ -217,6 +346,37 @@ class SweepConfig(_Section):
             raise ValueError(f"alphas must be positive, got {self.alphas}")
         if any(not 0 <= d < 1 for d in self.dropouts or []):
             raise ValueError(f"dropouts must lie in [0, 1), got {self.dropouts}")
+        return self
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _dotted_keys(cls, value: Any) -> Any:
+        # A command-line override splits its key at every dot, so sweep.space.lora.r.values=[4,8] arrives as
+        # {"lora": {"r": {"values": [4, 8]}}}: join such sections back into dotted keys.
+        # Each domain is also told its key, so that its values are checked as values of that key.
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            return value
+        flat: dict[Any, Any] = {}
+        for key, domain in value.items():
+            section = "." not in str(key) and isinstance(domain, dict) and not domain.keys() & SearchDomain.model_fields
+            flat.update({f"{key}.{name}": inner for name, inner in domain.items()} if section else {key: domain})
+        return {key: {**domain, "key": key} if isinstance(domain, dict) else domain for key, domain in flat.items()}
+
+    @model_validator(mode="after")
+    def _space_fits(self) -> SweepConfig:
+        problems = [
+            f"search: grid needs values for {key}, not a range" for key, domain in self.space.items()
+            if self.search == "grid" and domain.values is None
+        ]  # fmt: skip
+        for key, fields in SWEEP_SHORTHAND.items():
+            # A shorthand left at its default gives way silently; one the user changed would be silently ignored.
+            changed = [name for name in fields if getattr(self, name) != SweepConfig.model_fields[name].default]
+            if key in self.space and changed:
+                problems.append(f"space and {', '.join(changed)} both search {key}: keep one")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 

@@ -12,21 +12,27 @@ driver's environment, and Train workers get it in their runtime environment. Eve
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 PROJECT_LOGGERS = frozenset({"data", "jobs", "tune", "serve", "qlora_ray", "bench", "__main__"})
 VERBOSE_ENV = "QLORA_RAY_VERBOSE"
 LOG_DIR_ENV = "QLORA_RAY_LOG_DIR"
-# Libraries' own switches for their progress bars and info lines, read when they are imported or used.
+# Libraries' own switches for their progress bars and info lines, read when they are imported or started. A
+# local Ray's processes inherit them from the driver; their lines stay in Ray's own log files.
 _QUIET_LIBRARIES = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's old reporter, which prints nothing at verbose=0
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+    "RAY_SERVE_LOG_TO_STDERR": "0",  # Serve's lines (access log included) go to its files under logs/serve/
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
 }
 _FORMAT_FILE = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -85,19 +91,27 @@ def setup(verbose: bool = False) -> None:
 
 
 def setup_worker(rank: int = 0) -> None:
-    """Configure a Ray worker process the same way: rank 0 (or a lone actor) tells the story, others only warn."""
+    """Configure a Ray worker process the same way: rank 0 (or a lone actor) tells the story, others only warn.
+
+    Ray Train gives its workers' root logger a console handler and a file handler of its own: they are kept
+    (the file is Ray's own log), and the console one gets the same filter as the driver's.
+    """
     quiet = not verbose()
     quiet_libraries()
     if quiet:
-        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Train's per-report and checkpoint lines
+        logging.getLogger("ray").setLevel(logging.WARNING)
     logging.captureWarnings(True)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    if quiet:
-        handler.addFilter(_Story())
-    if rank != 0:
-        handler.setLevel(logging.WARNING)
-    _install(handler)
+    root = logging.getLogger()
+    consoles = [h for h in root.handlers if type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)]
+    if not consoles:
+        consoles = [logging.StreamHandler(sys.stderr)]
+        consoles[0].setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(consoles[0])
+    for handler in consoles:
+        if quiet and not any(isinstance(f, _Story) for f in handler.filters):
+            handler.addFilter(_Story())
+        handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.setLevel(logging.INFO)
 
 
 def quiet_libraries() -> None:
@@ -147,6 +161,14 @@ def ray_init_options() -> dict[str, Any]:
     return {"log_to_driver": True, "logging_config": ray.LoggingConfig(log_level="WARNING")}
 
 
+def train_logging() -> Any:
+    """Ray Train's own logging config: its info lines (worker-group start-up, reports, checkpoints) off the
+    console unless verbose; Ray Train's log files keep everything."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
 def restore() -> None:
     """Put our handlers back as the root logger's only ones (after ``ray.init`` added its own).
 
@@ -162,6 +184,37 @@ def restore() -> None:
         if handler not in root.handlers:
             root.addHandler(handler)
     root.setLevel(logging.INFO)
+    for library in ("ray", "ray.data"):  # Ray Data configures its logger apart from Ray's
+        _adopt(library)
+
+
+def _adopt(name: str) -> None:
+    """Route a library logger that prints on its own through ours: its lines reach the log file, and the
+    console only as the filter allows."""
+    library = logging.getLogger(name)
+    for handler in list(library.handlers):
+        library.removeHandler(handler)
+    library.propagate = True
+
+
+@contextlib.contextmanager
+def hush(what: str) -> Iterator[None]:
+    """Unless verbose, send what a library prints to stdout and stderr while it does ``what`` to the log file.
+
+    For libraries that print instead of logging (a conversion's progress bar, Ray's start-up banner). Errors
+    still raise; the text is logged at INFO under ``captured`` (the log file; not the console).
+    """
+    if verbose():
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().strip()
+        if text:
+            logging.getLogger("captured").info("%s:\n%s", what, text)
 
 
 def _console_handler(verbose: bool) -> logging.Handler:

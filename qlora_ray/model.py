@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from qlora_ray import console
 from qlora_ray.config import STARTER_MODEL, Config, LoraConfig, ModelConfig
 from qlora_ray.errors import QloraRayError
 
@@ -69,8 +70,9 @@ def _convert_gguf(directory: Path, filename: str, target: Path) -> None:
 
     started = time.monotonic()
     log.info("converting %s to safetensors in %s (once, about 30 s)", filename, target)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
-    dequantised = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    with console.hush("GGUF conversion"):  # transformers draws its own progress bars here
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        dequantised = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
     config = dequantised.config
     del config.quantization_config  # the weights are plain float32 now; keep no trace of the GGUF loader
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

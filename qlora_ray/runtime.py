@@ -38,7 +38,8 @@ def start_ray() -> Any:
     if ray.is_initialized():
         return ray
     try:
-        context = ray.init(**console.ray_init_options(), include_dashboard=True)
+        with console.hush("Ray start-up"):
+            context = ray.init(**console.ray_init_options(), include_dashboard=True)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         reason = remote_message(err) + (f": {err.__cause__}" if err.__cause__ else "")
         raise ClusterError(

@@ -29,7 +29,8 @@ from typing import Any
 
 from ray import serve
 
-from data.formats import DataError
+from data.formats import AUTO, DataError, format_named
+from data.formats.prompt_completion import PromptCompletion
 from qlora_ray import console
 from qlora_ray.config import ConfigError, from_dict
 from qlora_ray.registry import MANIFEST, Registry, RegistryError, saved_data_config
@@ -37,6 +38,9 @@ from serve.grounding import MODEL, QASet, training_examples
 from serve.protocol import ApiError
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs, with request ids
+
+PROMPT_AS_GIVEN = PromptCompletion.name  # the format of an adapter without saved data settings
+
 
 @dataclass
 class PromptSettings:
@@ -234,7 +238,7 @@ class Generator:
             self._unload_dropped()
 
     def _example(self, request: dict[str, Any], name: str) -> dict[str, Any] | None:
-        """The request as an example of the adapter's data format; None for a raw prompt in another format."""
+        """The request as an example of the adapter's data format; None for a raw prompt the format cannot take."""
         from data.templates import example_from_messages
 
         fmt = self.prompts[name].format
@@ -243,7 +247,7 @@ class Generator:
                 return example_from_messages(request["messages"], fmt)
             except ValueError as err:
                 raise ApiError(400, str(err), param="messages") from None
-        return {"format": fmt, "prompt": request["prompt"]} if fmt == "prompt_completion" else None
+        return format_named(fmt).from_prompt(request["prompt"])
 
     def _prompt_ids(self, request: dict[str, Any], example: dict[str, Any] | None, name: str) -> list[int]:
         """The prompt's token ids, built by the formatter the adapter was trained with; too long is a 400."""
@@ -319,6 +323,8 @@ class Generator:
 def _prompt_settings(directory: Path) -> PromptSettings:
     """The data format and template an adapter was trained with (a plain PEFT adapter: prompts as given)."""
     data = saved_data_config(directory)
-    if data is None:
-        return PromptSettings(format="prompt_completion", template="")
+    if data is None or data.format == AUTO:
+        # Training saves the format it detected, so "auto" comes only from a hand-written config: like a plain
+        # adapter, its requests are prompts as given.
+        return PromptSettings(format=PROMPT_AS_GIVEN, template="")
     return PromptSettings(format=data.format, template=data.template)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data.formats import leading_tag
+from data.formats import format_named, leading_tag
 from data.templates import question_of
 from qlora_ray.config import GroundingConfig
 from qlora_ray.errors import QloraRayError
@@ -47,9 +47,9 @@ class Verdict:
 
 
 def _key(example: dict[str, Any]) -> tuple[str, str | None, str] | None:
-    """(context, leading tag in upper case, question without the tag) of an example or a request; None for a
-    chat turn that follows others."""
-    if example["format"] == "chat" and sum(m["role"] != "system" for m in example["messages"]) > 1:
+    """(context, leading tag in upper case, question without the tag) of an example or a request; None for one
+    that is not a single question (a chat turn that follows others)."""
+    if not format_named(example["format"]).asks_one_question(example):
         return None
     context, question = question_of(example)
     question = question.strip()

@@ -7,11 +7,20 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+
+# The searched keys that have columns of their own (r, alpha, lr, dropout): every trial has these settings, searched
+# or not, so they are always shown; any other searched key gets a column named by its dotted key.
+SHOWN = ("lora.r", "lora.alpha", "train.lr", "lora.dropout")
 
 
 @dataclass
 class TrialRecord:
-    """One trial as the report shows it. ``history`` holds (step, metric) at every evaluation."""
+    """One trial as the report shows it. ``history`` holds (step, metric) at every evaluation.
+
+    ``r``, ``alpha``, ``lr`` and ``dropout`` are the trial's own settings; ``params`` its searched config keys as
+    Tune set them, which ``tune.space.trial_config`` turns back into the trial's config.
+    """
 
     trial_id: str
     r: int
@@ -26,34 +35,41 @@ class TrialRecord:
     error: str | None = None
     best_step: int = 0  # the step of that checkpoint
     generation: float | None = None  # its holdout answers' score under sweep.rank_by, when ranked so
+    params: dict[str, Any] = field(default_factory=dict)  # the searched config keys, e.g. {"lora.r": 8, ...}
 
     @property
     def label(self) -> str:
-        return f"r={self.r} lr={self.lr:.1e}"
-
-    @property
-    def params(self) -> dict[str, float]:
-        """The trial's hyperparameters, as ``tune.space.trial_config`` takes them."""
-        return {"r": self.r, "alpha": self.alpha, "lr": self.lr, "dropout": self.dropout}
+        extra = "".join(f" {key}={format_value(value)}" for key, value in self.params.items() if key not in SHOWN)
+        return f"r={self.r} lr={self.lr:.1e}{extra}"
 
 
-COLUMNS = ("trial", "rank", "alpha", "lr", "dropout", "steps", "best", "status")
+def format_value(value: Any) -> str:
+    """A searched value as a table cell or label shows it: floats short (``0.1``, ``3e-05``), the rest as is."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _row(t: TrialRecord) -> list[str]:
+def extra_keys(records: list[TrialRecord]) -> list[str]:
+    """The searched keys beyond rank, alpha, lr and dropout, in the order first seen: one column each."""
+    return list(dict.fromkeys(key for t in records for key in t.params if key not in SHOWN))
+
+
+def _row(t: TrialRecord, extra: list[str]) -> list[str]:
     best = "-" if t.best is None else f"{t.best:.4f}"
     if t.generation is not None:
         best += f" (answers {t.generation:.4f})"
     status = t.status + (f": {t.error}" if t.error else "")
-    return [t.trial_id, str(t.r), f"{t.alpha:g}", f"{t.lr:.2e}", f"{t.dropout:g}", str(t.steps), best, status]
+    searched = [format_value(t.params[key]) if key in t.params else "-" for key in extra]
+    return [t.trial_id, str(t.r), f"{t.alpha:g}", f"{t.lr:.2e}", f"{t.dropout:g}", *searched, str(t.steps), best,
+            status]  # fmt: skip
 
 
 def table(records: list[TrialRecord], metric: str, best_id: str | None) -> str:
     """A fixed-width table of trials, best first; the winner is marked with ``*``."""
-    header = [c if c != "best" else f"best {metric}" for c in COLUMNS]
+    extra = extra_keys(records)
+    header = ["trial", "rank", "alpha", "lr", "dropout", *extra, "steps", f"best {metric}", "status"]
     rows = []
     for t in records:
-        row = _row(t)
+        row = _row(t, extra)
         rows.append([("* " if t.trial_id == best_id else "  ") + row[0], *row[1:]])
     header[0] = "  " + header[0]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
@@ -66,13 +82,15 @@ def write(records: list[TrialRecord], directory: Path, metric: str, best_id: str
     """``trials.csv``, ``trials.json`` and ``sweep.png`` in ``directory``; returns their paths by kind."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"csv": directory / "trials.csv", "json": directory / "trials.json", "png": directory / "sweep.png"}
+    extra = extra_keys(records)
     with paths["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trial_id", "r", "alpha", "lr", "dropout", "steps", f"best_{metric}", "status", "error",
-                         "generation_score"])  # fmt: skip
+        writer.writerow(["trial_id", "r", "alpha", "lr", "dropout", *extra, "steps", f"best_{metric}", "status",
+                         "error", "generation_score"])  # fmt: skip
         for t in records:
-            writer.writerow([t.trial_id, t.r, t.alpha, t.lr, t.dropout, t.steps, t.best, t.status, t.error or "",
-                             "" if t.generation is None else t.generation])  # fmt: skip
+            searched = [t.params.get(key, "") for key in extra]
+            writer.writerow([t.trial_id, t.r, t.alpha, t.lr, t.dropout, *searched, t.steps, t.best, t.status,
+                             t.error or "", "" if t.generation is None else t.generation])  # fmt: skip
     payload = {"metric": metric, "best_trial": best_id, "trials": [asdict(t) for t in records]}
     paths["json"].write_text(json.dumps(payload, indent=2))
     plot(records, paths["png"], metric, best_id)

@@ -38,7 +38,7 @@ from qlora_ray.config import Config, changed_keys, from_dict
 from qlora_ray.runtime import failure_summary, start_ray, storage_path
 from qlora_ray.storage import filesystem_of, is_uri, read_text, upload_dir, write_text
 from tune import report
-from tune.space import SweepError, describe, param_space, scheduler, searcher, trial_config, trial_count
+from tune.space import SweepError, describe, param_space, peak_params, scheduler, searcher, trial_config, trial_count
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,9 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], train_rows: list, ho
 
 
 def prepare_sweep(cfg: Config) -> tuple[Config, PreflightResult]:
-    """:func:`jobs.train.prepare_run` for a sweep: checked as its largest rank, so that the memory estimate holds
-    for every trial. Each trial sets its own rank, alpha and lr on top of the config returned."""
-    return prepare_run(trial_config(cfg, {"r": max(cfg.sweep.ranks), "lr": cfg.sweep.lr_max}))
+    """:func:`jobs.train.prepare_run` for a sweep: checked at the largest ``lora.r`` its space searches, so that the
+    memory estimate holds for every trial. Each trial sets its own searched keys on top of the config returned."""
+    return prepare_run(trial_config(cfg, peak_params(cfg)))
 
 
 def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = None) -> SweepOutcome:
@@ -150,16 +150,16 @@ def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = Non
 
 
 def rank_by_answers(cfg: Config, check: Any, scored: list[report.TrialRecord], storage: str) -> report.TrialRecord:
-    """The trial whose answers to the holdout split score highest under ``sweep.rank_by``.
+    """The trial whose answers to the holdout split score best under ``sweep.rank_by`` (by that metric's direction).
 
     The ``sweep.rank_top_k`` best trials by ``sweep.metric`` answer (greedy, ``serve.default_max_tokens``,
     through the evaluation job's Ray Data path) from their best checkpoints; each one's score is recorded.
     """
     import ray.train
 
-    from jobs.evaluate import SIMILARITY_THRESHOLD, generate_answers, holdout_prompts
+    from jobs.evaluate import generate_answers, holdout_prompts
     from jobs.loop import ADAPTER_DIR
-    from qlora_ray.metrics import Similarity, summarize
+    from qlora_ray.metrics import Similarity, by_name, summarize
 
     candidates = sorted(scored, key=lambda t: t.best if cfg.sweep.mode == "min" else -t.best)[: cfg.sweep.rank_top_k]
     rows = holdout_prompts(cfg, check)
@@ -172,11 +172,11 @@ def rank_by_answers(cfg: Config, check: Any, scored: list[report.TrialRecord], s
             answers = generate_answers(trial_config(cfg, trial.params), str(Path(directory) / ADAPTER_DIR), rows,
                                        with_base=False)  # fmt: skip
         tuned = [answers[i][1] for i in range(len(rows))]
-        scores = summarize(tuned, references, similarity.scores(tuned, references), SIMILARITY_THRESHOLD)
+        scores = summarize(tuned, references, similarity.scores(tuned, references))
         trial.generation = scores[cfg.sweep.rank_by]
         log.info("trial %s (%s): holdout answers %s %.4f", trial.trial_id, trial.label, cfg.sweep.rank_by,
                  trial.generation)  # fmt: skip
-    return max(candidates, key=lambda t: t.generation)
+    return by_name(cfg.sweep.rank_by).best(candidates, key=lambda t: t.generation)
 
 
 def _fit(tuner: Any) -> Any:
@@ -227,7 +227,7 @@ def trial_resources(cfg: Config, cluster: dict[str, float]) -> tuple[dict[str, f
 
 
 def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
-    params = result.config or {}
+    params = dict(result.config or {})  # the searched keys, as Tune set them
     trial = trial_config(cfg, params) if params else cfg
     metrics = result.metrics or {}
     frame = result.metrics_dataframe
@@ -251,7 +251,7 @@ def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
     return report.TrialRecord(
         trial_id=trial_id, r=trial.lora.r, alpha=trial.lora.alpha, lr=trial.train.lr, dropout=trial.lora.dropout,
         status=status, steps=steps, best=best, history=history, checkpoint=checkpoint, error=error,
-        best_step=best_step,
+        best_step=best_step, params=params,
     )  # fmt: skip
 
 

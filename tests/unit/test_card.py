@@ -21,6 +21,7 @@ def test_the_evaluation_section_goes_before_use_and_is_replaced_not_repeated():
     first = with_evaluation(card, _report(0.5))
     assert first.index(EVALUATION_HEADING) < first.index(USAGE_HEADING) and "| token F1 | 0.2500 | 0.5000 |" in first
     assert "| holdout loss | 4.6700 | 3.8000 |" in first and "| `<RAY>` | 3 | 0.250 -> 0.250 |" in first
+    assert "| BLEU | 3.50 | 3.50 |" in first and "| tag | rows | token F1 | similarity (all-MiniLM-L6-v2) |" in first
     second = with_evaluation(first, _report(0.75))
     assert second.count(EVALUATION_HEADING) == 1 and "| token F1 | 0.2500 | 0.7500 |" in second
     assert "0.5000 |" not in second.split(USAGE_HEADING)[0].split("token F1")[1].splitlines()[0]

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from qlora_ray import metrics
 from qlora_ray.config import Config, ConfigError, from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,3 +82,17 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["metric", *metrics.names()])
+def test_rank_by_takes_metric_or_any_name_of_the_metrics_table(name):
+    assert from_dict({"sweep": {"rank_by": name}}).sweep.rank_by == name
+
+
+@pytest.mark.parametrize("name", ["f1", "Token_F1", "val_loss"])
+def test_rank_by_names_itself_and_the_valid_metrics_when_wrong(name):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"sweep.rank_by={name}"])
+    (problem,) = info.value.problems
+    assert problem.startswith(f"sweep.rank_by: {name!r} is neither 'metric' nor an answer metric")
+    assert "use one of: metric, " + ", ".join(metrics.names()) in problem

@@ -3,7 +3,10 @@ import json
 
 import pytest
 
-from data.formats import DataError, leading_tag, load_examples
+from data.formats import FORMATS, DataError, Format, RowProblem, leading_tag, load_examples, new_example
+from data.formats.base import single_turn, text_field
+from data.templates import build_prompt, example_from_messages, messages_for, question_of
+from qlora_ray.config import ConfigError, from_dict
 
 PC_ROWS = [
     {"prompt": "<GALAXY>What is the galaxy store?", "completion": "An app store."},
@@ -198,3 +201,83 @@ def test_seed_datasets_load_completely(seed_data, name, fmt, rows, tags):
     loaded = load_examples(str(seed_data / name))
     assert loaded.format == fmt and len(loaded.examples) == rows and not loaded.bad_rows
     assert Counter(e["tag"] for e in loaded.examples) == tags
+
+
+def test_detection_takes_the_first_format_in_table_order(tmp_path):
+    # A row that fits several formats: "messages" wins, then instruction/output, then prompt/completion.
+    both = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}], "output": "o"}
+    both |= {"instruction": "i", "prompt": "p", "completion": "c", "context": "x", "question": "q", "answers": "x"}
+    assert load_examples(str(_write_jsonl(tmp_path / "a.jsonl", [both]))).format == "chat"
+    del both["messages"]
+    assert load_examples(str(_write_jsonl(tmp_path / "b.jsonl", [both]))).format == "alpaca"
+    del both["instruction"]
+    assert load_examples(str(_write_jsonl(tmp_path / "c.jsonl", [both]))).format == "prompt_completion"
+    del both["prompt"]
+    assert load_examples(str(_write_jsonl(tmp_path / "d.jsonl", [both]))).format == "context_qa"
+    assert list(FORMATS)[:4] == ["chat", "alpaca", "prompt_completion", "context_qa"]
+
+
+def test_the_formats_table_drives_the_config():
+    for name in ("auto", *FORMATS):
+        assert from_dict({"data": {"format": name}}).data.format == name
+    with pytest.raises(ConfigError) as info:
+        from_dict({"data": {"format": "tweets"}})
+    (problem,) = info.value.problems
+    assert problem.startswith("data.format: 'tweets' is not a data format")
+    assert all(f" {name}," in problem or f" {name};" in problem for name in ("auto", *FORMATS)), problem
+
+
+class _AskReply(Format):
+    """A throwaway format for the test below: {"ask", "reply"} rows, prompted as "Question : ... Answer :"."""
+
+    name = "ask_reply"
+    fields = "ask/reply"
+
+    def detect(self, keys: set[str]) -> bool:
+        return {"ask", "reply"} <= keys
+
+    def normalise(self, row, where):
+        if row.get("lang", "en") != "en":
+            raise RowProblem("only English rows")
+        ask = text_field(row, "ask")
+        return new_example(where, self.name, text_field(row, "reply"), question=ask, tag=leading_tag(ask))
+
+    def prompt(self, example, template, tokenizer):
+        return f"Question : {example['question']} Answer :"
+
+    def messages(self, example):
+        return [{"role": "user", "content": example["question"]}]
+
+    def question(self, example):
+        return "", example["question"]
+
+    def from_messages(self, messages):
+        return {"format": self.name, "question": single_turn(messages)[1]}
+
+    def shorten_prompt(self, example, prompt, budget, tokenizer, render):
+        return None  # this format drops a row rather than cut its question
+
+
+def test_a_format_is_one_unit_registered_in_one_table(tmp_path, monkeypatch, tiny_tokenizer):
+    from data.tokenize import TokenizeSettings, tokenize_example
+
+    rows = [{"ask": "<GALAXY>why is the sky blue?", "reply": "the sky ."}, {"ask": "why?", "reply": "x", "lang": "fr"}]
+    path = str(_write_jsonl(tmp_path / "ask.jsonl", rows))
+    with pytest.raises(DataError, match="cannot tell the format"):
+        load_examples(path)  # not registered yet
+    with monkeypatch.context() as patch:
+        patch.setitem(FORMATS, "ask_reply", _AskReply())
+        loaded = load_examples(path, on_bad_rows="skip")
+        assert loaded.format == "ask_reply" and [b.reason for b in loaded.bad_rows] == ["only English rows"]
+        (example,) = loaded.examples
+        assert (example["question"], example["completion"], example["tag"]) == (rows[0]["ask"], "the sky .", "<GALAXY>")
+        assert build_prompt(example, "{context} {question}") == "Question : <GALAXY>why is the sky blue? Answer :"
+        assert question_of(example) == ("", "<GALAXY>why is the sky blue?")
+        asked = example_from_messages([{"role": "system", "content": "s"}, *messages_for(example)], "ask_reply")
+        assert build_prompt(asked, "") == build_prompt(example, "")
+        row, outcome = tokenize_example(example, tiny_tokenizer, TokenizeSettings("", max_seq_len=64))
+        assert outcome == "ok" and row["input_ids"][:3] == tiny_tokenizer("Question : <")["input_ids"]
+        assert tokenize_example(example, tiny_tokenizer, TokenizeSettings("", max_seq_len=16)) == (None, "skipped")
+        assert from_dict({"data": {"format": "ask_reply"}}).data.format == "ask_reply"
+    with pytest.raises(ConfigError, match="'ask_reply' is not a data format"):
+        from_dict({"data": {"format": "ask_reply"}})  # gone with its table entry

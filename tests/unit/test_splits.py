@@ -1,15 +1,15 @@
 from collections import Counter
 
-from data.formats import _example, load_examples
+from data.formats import load_examples, new_example
 from data.splits import holdout_split, prompt_key
 
 
 def _rows():
     rows = []
     for tag, n in (("<A>", 80), ("<B>", 15), ("<C>", 5)):
-        rows += [_example(f"f:{tag}{i}", "prompt_completion", "x", prompt=f"{tag}q{i}", tag=tag) for i in range(n)]
+        rows += [new_example(f"f:{tag}{i}", "prompt_completion", "x", prompt=f"{tag}q{i}", tag=tag) for i in range(n)]
     # the same question three times, with different answers
-    rows += [_example(f"f:d{i}", "prompt_completion", f"a{i}", prompt="<A>same question", tag="<A>") for i in range(3)]
+    rows += [new_example(f"f:d{i}", "prompt_completion", f"a{i}", prompt="<A>same question", tag="<A>") for i in range(3)]
     return rows
 
 
@@ -32,9 +32,9 @@ def test_duplicate_prompts_stay_on_one_side_for_every_seed():
 
 
 def test_prompt_key_ignores_case_but_not_content():
-    a = _example("w", "prompt_completion", "x", prompt="What is Ray?")
-    b = _example("w", "prompt_completion", "y", prompt="what is ray?")
-    c = _example("w", "prompt_completion", "x", prompt="what is serve?")
+    a = new_example("w", "prompt_completion", "x", prompt="What is Ray?")
+    b = new_example("w", "prompt_completion", "y", prompt="what is ray?")
+    c = new_example("w", "prompt_completion", "x", prompt="what is serve?")
     assert prompt_key(a) == prompt_key(b) != prompt_key(c)
 
 

@@ -1,7 +1,7 @@
 import pytest
 from conftest import EOS, word_vocab
 
-from data.formats import _example
+from data.formats import new_example
 from data.tokenize import (
     IGNORE_INDEX,
     OverlengthError,
@@ -27,7 +27,7 @@ def settings(max_seq_len=64, **kwargs):
 
 
 def pc(prompt, completion):
-    return _example("t:1", "prompt_completion", completion, prompt=prompt)
+    return new_example("t:1", "prompt_completion", completion, prompt=prompt)
 
 
 def test_prompt_is_masked_and_eos_is_appended_and_trained(tiny_tokenizer):
@@ -46,7 +46,7 @@ def test_train_on_prompt_keeps_every_label(tiny_tokenizer):
 
 
 def test_context_qa_uses_the_template(tiny_tokenizer):
-    example = _example("t:1", "context_qa", "9 GPa", context="the yield is 9 GPa", question="what is the yield?")
+    example = new_example("t:1", "context_qa", "9 GPa", context="the yield is 9 GPa", question="what is the yield?")
     row, _ = tokenize_example(example, tiny_tokenizer, settings())
     prompt = ids("the yield is 9 GPa Question : what is the yield ? Answer :")
     assert row["input_ids"] == prompt + ids("9 GPa") + [V[EOS]]
@@ -54,12 +54,12 @@ def test_context_qa_uses_the_template(tiny_tokenizer):
 
 
 def test_alpaca_and_chat_rendering(tiny_tokenizer):
-    alpaca = _example("t:1", "alpaca", "blue", question="name the colour", context="the sky")
+    alpaca = new_example("t:1", "alpaca", "blue", question="name the colour", context="the sky")
     row, _ = tokenize_example(alpaca, tiny_tokenizer, settings())
     prompt = ids("### Instruction : name the colour ### Input : the sky ### Response :")
     assert row["input_ids"] == prompt + ids("blue") + [V[EOS]]
 
-    chat = _example("t:1", "chat", "blue", messages=[{"role": "user", "content": "the sky ?"}])
+    chat = new_example("t:1", "chat", "blue", messages=[{"role": "user", "content": "the sky ?"}])
     with pytest.raises(ValueError, match="chat template"):
         tokenize_example(chat, tiny_tokenizer, settings())
     tok = tiny_tokenizer
@@ -87,7 +87,7 @@ def _long_context(answer_at: int, n: int = 40) -> tuple[str, int]:
 @pytest.mark.parametrize("answer_at", [0, 20, 38])
 def test_long_context_keeps_a_window_with_the_answer(tiny_tokenizer, answer_at):
     context, start = _long_context(answer_at)
-    example = _example("t:7", "context_qa", "9 GPa", context=context, question="what ?", answer_start=start)
+    example = new_example("t:7", "context_qa", "9 GPa", context=context, question="what ?", answer_start=start)
     row, outcome = tokenize_example(example, tiny_tokenizer, settings(max_seq_len=20))
     assert outcome == "truncated"
     assert len(row["input_ids"]) <= 20
@@ -99,7 +99,7 @@ def test_long_context_keeps_a_window_with_the_answer(tiny_tokenizer, answer_at):
 
 def test_wrong_answer_start_is_corrected_by_searching_the_context(tiny_tokenizer):
     context, _ = _long_context(30)
-    example = _example("t:7", "context_qa", "9 GPa", context=context, question="what ?", answer_start=0)
+    example = new_example("t:7", "context_qa", "9 GPa", context=context, question="what ?", answer_start=0)
     row, outcome = tokenize_example(example, tiny_tokenizer, settings(max_seq_len=20))
     prompt = row["input_ids"][:-3]
     assert outcome == "truncated" and any(prompt[i : i + 2] == ids("9 GPa") for i in range(len(prompt)))
@@ -107,7 +107,7 @@ def test_wrong_answer_start_is_corrected_by_searching_the_context(tiny_tokenizer
 
 def test_answer_that_cannot_fit_is_skipped_not_cut(tiny_tokenizer):
     context = " ".join(["9"] * 30)
-    example = _example("t:9", "context_qa", context, context=context, question="what ?", answer_start=0)
+    example = new_example("t:9", "context_qa", context, context=context, question="what ?", answer_start=0)
     row, outcome = tokenize_example(example, tiny_tokenizer, settings(max_seq_len=20))
     assert (row, outcome) == (None, "skipped")
 
