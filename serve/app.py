@@ -33,6 +33,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qlora_ray import console
 from qlora_ray.config import Config, ConfigError, from_dict, load_config, pin_local_paths
 from qlora_ray.registry import Registry, RegistryError, base_key
 from serve.generator import Generator
@@ -127,6 +128,7 @@ class Api:
     """HTTP ingress: validation, auth, adapter resolution, streaming; the generator does the work."""
 
     def __init__(self, generator: DeploymentHandle, config: dict[str, Any]):
+        console.setup_replica()
         self.cfg = from_dict(config, source="serve app")
         self.generator = generator
         self.registry = Registry(self.cfg.run.registry)

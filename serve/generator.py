@@ -86,7 +86,7 @@ class Generator:
         from qlora_ray.generate import AdapterSet, load_inference_model
         from qlora_ray.model import load_tokenizer
 
-        console.quiet_libraries()
+        console.setup_replica()
         self.cfg = from_dict(config, source="serve app")
         serve_cfg = self.cfg.serve
         torch.set_num_threads(max(1, round(serve_cfg.cpus_per_replica)))

@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from jobs.preflight import PreflightResult, prepare_run
 from jobs.train import build_trainer
 from qlora_ray import cli
 from qlora_ray.config import Config, changed_keys, from_dict
+from qlora_ray.console import clock
 from qlora_ray.runtime import failure_summary, start_ray, storage_path
 from qlora_ray.storage import filesystem_of, is_uri, read_text, upload_dir, write_text
 from tune import report
@@ -271,10 +273,15 @@ def register_best(cfg: Config, best: report.TrialRecord, check: Any, storage: st
 
 
 class Progress(ray.tune.Callback):
-    """One line per trial evaluation with the sweep's counts and the best so far."""
+    """One line per trial evaluation: the trial's loss, the sweep's counts, the best so far and an ETA.
+
+    The ETA is an upper bound: it assumes every trial runs all its steps, which ASHA's early stops cut short.
+    """
 
     def __init__(self, cfg: Config, total: int):
         self.cfg, self.total, self.best = cfg, total, None
+        self.steps: dict[str, int] = {}  # the last step each trial reported
+        self.start = time.monotonic()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         cfg = self.cfg
@@ -284,12 +291,21 @@ class Progress(ray.tune.Callback):
         better = self.best is None or (value < self.best[0] if cfg.sweep.mode == "min" else value > self.best[0])
         if better:
             self.best = (value, trial.trial_id)
+        self.steps[trial.trial_id] = int(result.get("step", 0))
         counts = Counter(str(t.status).lower() for t in trials)
         log.info(
-            "trial %s (%s) step %d/%d %s %.4f | running %d, pending %d, done %d, failed %d | best %.4f (%s)",
+            "trial %s (%s) step %d/%d %s %.4f | running %d, pending %d, done %d, failed %d | best %.4f (%s) | %s",
             trial.trial_id, describe(trial.config, cfg), result.get("step", 0), self.total, metric, value,
             counts["running"], counts["pending"], counts["terminated"], counts["error"], *self.best,
+            self._eta(len(trials)),
         )  # fmt: skip
+
+    def _eta(self, trials: int) -> str:
+        budget = max(trials, trial_count(self.cfg)) * self.total
+        done = sum(self.steps.values())
+        elapsed = time.monotonic() - self.start
+        remaining = elapsed / max(done, 1) * max(budget - done, 0)
+        return f"sweep eta at most {clock(remaining)}"
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         step = (trial.last_result or {}).get("step", 0)
