@@ -155,6 +155,7 @@ def _holdout_loss(config: dict[str, Any], directory: str, rows: list[dict[str, A
     from qlora_ray.generate import AdapterSet, load_inference_model
     from qlora_ray.model import load_tokenizer
 
+    console.setup_worker()
     cfg = from_dict(config, source="evaluation")
     device = "cuda" if cfg.train.use_gpu else "cpu"
     torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))
@@ -222,6 +223,16 @@ def table(report: dict[str, Any]) -> str:
         for name, fmt in answers + (losses if group == "overall" else []):
             lines.append(f"{group:<14} {name:<26} {sides['base'][name]:>9{fmt}} {sides['tuned'][name]:>9{fmt}}")
         lines.append(f"{group:<14} {'rows':<26} {sides['base']['count']:>9d}")
+    return "\n".join(lines)
+
+
+def overview(report: dict[str, Any], path: str) -> str:
+    """The overall numbers in a few lines (the pipeline's console); per tag they are in ``path`` and the card."""
+    overall = report["groups"]["overall"]
+    base, tuned = overall["base"], overall["tuned"]
+    lines = [f"evaluation on {base['count']} holdout rows, base -> adapter (per tag: {path} and the model card)"]
+    rows = [(m.label, m.fmt, m.name) for m in metrics.METRICS] + [("holdout loss", ".4f", "holdout_loss")]
+    lines += [f"  {label:<31} {base[name]:{fmt}} -> {tuned[name]:{fmt}}" for label, fmt, name in rows]
     return "\n".join(lines)
 
 

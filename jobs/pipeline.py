@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data.templates import messages_for
-from jobs.evaluate import run_evaluate, table
+from jobs.evaluate import overview, run_evaluate
 from jobs.export import register_checkpoint, registered_by
 from jobs.preflight import prepare_run
 from jobs.train import run_train
@@ -113,7 +113,7 @@ def run_pipeline(cfg: Config) -> PipelineOutcome:
         stage = "evaluate"
         if _starting(stage, state):
             evaluation = run_evaluate(cfg, cfg.run.name, prepared=(cfg, check))
-            print(table(evaluation.report), flush=True)
+            print(overview(evaluation.report, evaluation.path), flush=True)
             state.done(stage, {"path": evaluation.path})
         stage = "deploy"
         url, local = run_serve(cfg)

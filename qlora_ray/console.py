@@ -7,7 +7,8 @@ libraries' info lines, deprecation warnings, progress bars) goes to the run's lo
 
 The choice travels to Ray workers in the ``QLORA_RAY_VERBOSE`` environment variable: a local Ray inherits the
 driver's environment, and Train workers get it in their runtime environment. Every process we start code in
-(driver, Train worker, evaluation actor, Serve replica) calls :func:`setup` or :func:`setup_worker` first.
+calls one set-up first: :func:`setup` (a command's driver), :func:`setup_worker` (a Train worker, an evaluation
+actor) or :func:`setup_replica` (a Serve replica).
 """
 
 from __future__ import annotations
@@ -81,7 +82,11 @@ def verbose() -> bool:
 
 
 def setup(verbose: bool = False) -> None:
-    """Configure the driver's console; call once at the start of a command, before Ray or models load."""
+    """Configure the driver's console; call once at the start of a command, before Ray or models load.
+
+    ``verbose``: ``-v`` was given (``QLORA_RAY_VERBOSE=1`` in the environment has the same effect).
+    """
+    verbose = verbose or os.environ.get(VERBOSE_ENV) == "1"
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
     if not verbose:
         for name, value in _QUIET_LIBRARIES.items():
@@ -96,13 +101,20 @@ def setup_worker(rank: int = 0) -> None:
     Ray Train gives its workers' root logger a console handler and a file handler of its own: they are kept
     (the file is Ray's own log), and the console one gets the same filter as the driver's.
     """
-    quiet = not verbose()
     quiet_libraries()
-    if quiet:
+    if not verbose():
         logging.getLogger("ray").setLevel(logging.WARNING)
+    _filter_consoles(rank)
+
+
+def _filter_consoles(rank: int) -> None:
+    """The root logger's console handlers (Ray's or a new one) with the story filter, at INFO on rank 0."""
+    quiet = not verbose()
     logging.captureWarnings(True)
     root = logging.getLogger()
-    consoles = [h for h in root.handlers if type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler)]
+    consoles = [
+        h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     if not consoles:
         consoles = [logging.StreamHandler(sys.stderr)]
         consoles[0].setFormatter(logging.Formatter("%(message)s"))
@@ -125,9 +137,11 @@ def quiet_libraries() -> None:
 
 
 def setup_replica() -> None:
-    """A Serve replica: quiet libraries, and Serve's errors on stderr even when Serve's own console logging is
-    off (``RAY_SERVE_LOG_TO_STDERR=0``, quiet mode), so that they reach the driver's console."""
+    """A Serve replica: quiet libraries, the root logger's console filtered as in the driver, and Serve's
+    errors on stderr even when Serve's own console logging is off (``RAY_SERVE_LOG_TO_STDERR=0``, quiet mode),
+    so that they reach the driver's console. Serve's ``ray.serve`` logger keeps the level Serve gave it."""
     quiet_libraries()
+    _filter_consoles(rank=0)
     if verbose() or os.environ.get("RAY_SERVE_LOG_TO_STDERR") != "0":
         return
     serve_logger = logging.getLogger("ray.serve")
@@ -165,7 +179,8 @@ def log_path(command: str, run_name: str) -> Path:
 
 
 def ray_init_options() -> dict[str, Any]:
-    """Keyword arguments for ``ray.init``: Ray's own loggers in every process of the job at WARNING unless verbose.
+    """Keyword arguments for ``ray.init``: the root and Ray loggers of every process of the job at ERROR unless
+    verbose.
 
     ``ray.init`` also configures this (the driver's) root logger; :func:`restore` puts ours back afterwards.
     """
@@ -173,7 +188,9 @@ def ray_init_options() -> dict[str, Any]:
 
     if verbose():
         return {"log_to_driver": True}
-    return {"log_to_driver": True, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+    # ERROR, not WARNING: Ray's own actors warn about their routine (a placement group cleaned up after a
+    # trial); our processes' warnings still show, as setup_worker gives them their own level.
+    return {"log_to_driver": True, "logging_config": ray.LoggingConfig(log_level="ERROR")}
 
 
 def train_logging() -> Any:
@@ -199,8 +216,9 @@ def restore() -> None:
         if handler not in root.handlers:
             root.addHandler(handler)
     root.setLevel(logging.INFO)
-    for library in ("ray", "ray.data"):  # Ray Data configures its logger apart from Ray's
-        _adopt(library)
+    for library in ("ray", "ray.data", "ray.serve"):  # Ray Data and Serve configure theirs apart from Ray's
+        if library == "ray" or library in sys.modules:
+            _adopt(library)
 
 
 def _adopt(name: str) -> None:

@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from qlora_ray import cli
+from qlora_ray import cli, console
 from qlora_ray.config import Config
 from qlora_ray.runtime import start_ray, started_here
 
@@ -29,6 +29,7 @@ def run_serve(cfg: Config) -> tuple[str, bool]:
     from serve.app import bind
 
     start_ray()
+    console.restore()  # Serve's driver-side logger, set up when ray.serve was imported, through ours
     local = started_here()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(bind(cfg), name=APP_NAME, route_prefix="/", blocking=False)

@@ -14,6 +14,7 @@ def _config() -> dict:
 
 
 def test_cluster_yaml_passes_the_launchers_validation():
+    # Ray offers no public API for the cluster launcher's checks; these are the functions `ray up` calls.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = _config()
