@@ -35,6 +35,9 @@ from qlora_ray.config import Config
 from qlora_ray.errors import QloraRayError
 
 log = logging.getLogger(__name__)
+# Per-step progress lines have a logger of their own: a sweep turns them off in its trials, whose progress the
+# sweep's own trial lines show.
+STEP_LOG = logging.getLogger(f"{__name__}.steps")
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
@@ -277,7 +280,7 @@ def peak_memory_gb(device: str) -> float:
 def _log_progress(step: int, total: int, window: _Window, lr: float) -> None:
     elapsed = time.perf_counter() - window.start
     eta = elapsed / max(1, window.steps) * (total - step)
-    log.info(
+    STEP_LOG.info(
         "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  eta %dm%02ds",
         step, total, window.loss / max(1, window.steps), lr, window.tokens_per_second(), eta // 60, eta % 60,
     )  # fmt: skip

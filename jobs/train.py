@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.export import export_adapter
-from jobs.loop import Dist, seed_everything, train
+from jobs.loop import STEP_LOG, Dist, seed_everything, train
 from jobs.preflight import PreflightResult, prepare_run
 from qlora_ray import cli, console
 from qlora_ray.config import Config, from_dict
@@ -70,7 +70,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     seed_everything(cfg.train.seed)  # same LoRA initialisation on every rank
     tokenizer = load_tokenizer(cfg.model)
     model = attach_lora(load_model(cfg.model, device), cfg)
-    log.info(
+    if not loop_config.get("step_lines", True):  # a sweep trial: the sweep's trial lines are its progress
+        STEP_LOG.setLevel(logging.WARNING)
+    STEP_LOG.info(
         "rank %d/%d: %s base on %s, gradient checkpointing %s, %d torch threads",
         rank, world, cfg.model.quantization, device, "on" if cfg.model.gradient_checkpointing else "off",
         torch.get_num_threads(),
@@ -127,10 +129,12 @@ def build_trainer(
     name: str,
     callbacks: list[Any] | None = None,
     resources: dict[str, float] | None = None,
+    step_lines: bool = True,
 ) -> Any:
     """The Ray Train ``TorchTrainer`` of one run: the train job's and every sweep trial's.
 
     ``resources`` (per worker) default to ``train.cpus_per_worker`` CPUs plus one GPU with ``train.use_gpu``.
+    ``step_lines``: whether rank 0 logs its per-step progress (a sweep's trials do not; the sweep reports them).
     Rerunning a trainer with the same ``storage``/``name`` resumes from its latest checkpoint.
     """
     import ray.data
@@ -142,7 +146,7 @@ def build_trainer(
         resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"cfg": cfg.model_dump()},
+        train_loop_config={"cfg": cfg.model_dump(), "step_lines": step_lines},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
         ),

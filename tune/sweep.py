@@ -70,6 +70,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], train_rows: list, ho
     trainer = build_trainer(
         cfg, train_rows, holdout_rows, f"{storage}/{cfg.run.name}/{TRAIN_RUNS}",
         ray.tune.get_context().get_trial_id(), callbacks=[TuneReportCallback()], resources=resources,
+        step_lines=False,
     )  # fmt: skip
     try:
         trainer.fit()  # same storage and name after a restart: Ray Train resumes from the latest checkpoint
