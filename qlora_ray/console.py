@@ -158,6 +158,7 @@ def open_log(path: str | Path) -> Path:
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)  # libraries whose loggers run at DEBUG (Ray Data's) keep that in their own files
     handler.setFormatter(logging.Formatter(_FORMAT_FILE))
     logging.getLogger().addHandler(handler)
     _handlers.append(handler)
