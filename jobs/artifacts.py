@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.artifacts") 
     group = where.add_mutually_exclusive_group()
     group.add_argument("--registry", help="registry directory or URI (default: run.registry's default)")
     group.add_argument("--config", help="YAML config whose run.registry to use")
+    # -v after the subcommand too; SUPPRESS keeps the subcommand from resetting a -v given before it
+    where.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser = cli.parser(prog, cli.description(__doc__), config=False)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", parents=[where], help="list the registered adapters")

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     add_verbose(parser)
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
-    rest = [*args.args, "--verbose"] if args.verbose else args.args
+    rest = ["--verbose", *args.args] if args.verbose else args.args  # before a subcommand (artifacts list)
     return module.main(rest, prog=f"qlora-ray {args.command}")
 
 

@@ -32,6 +32,7 @@ import torch
 from data.tokenize import IGNORE_INDEX, batch_order, collate
 from jobs.dropout import use_skip_dropout
 from qlora_ray.config import Config
+from qlora_ray.console import clock
 from qlora_ray.errors import QloraRayError
 
 log = logging.getLogger(__name__)
@@ -281,8 +282,8 @@ def _log_progress(step: int, total: int, window: _Window, lr: float) -> None:
     elapsed = time.perf_counter() - window.start
     eta = elapsed / max(1, window.steps) * (total - step)
     STEP_LOG.info(
-        "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  eta %dm%02ds",
-        step, total, window.loss / max(1, window.steps), lr, window.tokens_per_second(), eta // 60, eta % 60,
+        "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  eta %s",
+        step, total, window.loss / max(1, window.steps), lr, window.tokens_per_second(), clock(eta),
     )  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from qlora_ray.model import (
     model_skeleton,
     resolve_targets,
 )
+from qlora_ray.runtime import start_ray
 
 GIB = 1024**3
 
@@ -80,7 +81,7 @@ def run_preflight(cfg: Config) -> PreflightResult:
     return result
 
 
-class PreflightError(QloraRayError):
+class PreflightError(QloraRayError, RuntimeError):
     """A run that cannot start; the message lists every problem preflight found, each with its fix."""
 
 
@@ -91,6 +92,7 @@ def prepare_run(cfg: Config) -> tuple[Config, PreflightResult]:
     the adapter, and Serve and evaluation build prompts by it.
     """
     cfg = pin_local_paths(cfg)
+    start_ray()  # before the data: a large dataset is tokenised on Ray Data, which would start a Ray of its own
     check = run_preflight(cfg)
     for line in check.lines:
         log.info("%s", line)

@@ -17,6 +17,7 @@ from typing import NoReturn
 from qlora_ray import console
 from qlora_ray.config import Config, load_config
 from qlora_ray.errors import QloraRayError
+from qlora_ray.runtime import remote_message
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,26 @@ def run(args: argparse.Namespace, body: Callable[[], int | None]) -> int:
     try:
         return body() or 0
     except QloraRayError as err:
-        log.error("error: %s", err)
+        # Raised in a Ray worker, it arrives wrapped, its text the remote traceback: keep the message.
+        log.error("error: %s", remote_message(err) if "Traceback (most recent call last)" in str(err) else err)
         return 1
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
     finally:
-        console.close_log()
+        console.teardown()
 
 
 def load(args: argparse.Namespace, command: str) -> Config:
     """The command's config (``--config`` plus overrides); from here on the run's log file records everything."""
     cfg = load_config(args.config, args.overrides)
-    path = console.open_log(console.log_path(command, cfg.run.name))
+    wanted = console.log_path(command, cfg.run.name)
+    try:
+        path = console.open_log(wanted)
+    except OSError as err:  # a read-only working directory: run on, with the console and Ray's logs only
+        log.warning("no log file: cannot write %s (%s); set %s to a writable directory", wanted, err.strerror,
+                    console.LOG_DIR_ENV)  # fmt: skip
+        return cfg
     log.info("log: %s (everything%s)", path, "" if getattr(args, "verbose", False) else "; -v shows it all here")
     return cfg
 

@@ -504,13 +504,17 @@ class Config(_Section):
 
 
 def changed_keys(saved: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ("serve",)) -> list[str]:
-    """``section.key`` of every setting that differs between two dumped configs (``ignore``: sections skipped)."""
+    """``section.key`` of every setting that differs between two dumped configs (``ignore``: sections skipped).
+
+    A key the saved config lacks (it was written before the key existed) counts as its default.
+    """
+    defaults = Config().model_dump()
     return [
         f"{section}.{key}"
         for section, values in now.items()
         if section not in ignore
         for key, value in values.items()
-        if (saved.get(section) or {}).get(key) != value
+        if (saved.get(section) or {}).get(key, (defaults.get(section) or {}).get(key)) != value
     ]
 
 

@@ -30,6 +30,7 @@ LOG_DIR_ENV = "QLORA_RAY_LOG_DIR"
 # local Ray's processes inherit them from the driver; their lines stay in Ray's own log files.
 _QUIET_LIBRARIES = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
     "TQDM_DISABLE": "1",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's old reporter, which prints nothing at verbose=0
     "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
@@ -38,14 +39,21 @@ _QUIET_LIBRARIES = {
 }
 _FORMAT_FILE = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _handlers: list[logging.Handler] = []
+_saved: dict[str, Any] = {}  # what setup() changed, for teardown()
 log = logging.getLogger(__name__)
 
 
+# Libraries whose warnings are about the user's run (Tune: a trial that cannot be scheduled), not their routine.
+WARNING_LOGGERS = ("ray.tune", "ray.train")
+
+
 class _Story(logging.Filter):
-    """Our own lines from INFO up, and anyone's errors."""
+    """Our own lines from INFO up, Ray Tune's and Ray Train's warnings, and anyone's errors."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.ERROR:
+            return True
+        if record.levelno >= logging.WARNING and record.name.startswith(WARNING_LOGGERS):
             return True
         return record.levelno >= logging.INFO and record.name.split(".", 1)[0] in PROJECT_LOGGERS
 
@@ -77,22 +85,56 @@ def clock(seconds: float) -> str:
 
 
 def verbose() -> bool:
-    """Whether this process shows everything (``--verbose``, or ``QLORA_RAY_VERBOSE=1`` from its driver)."""
-    return os.environ.get(VERBOSE_ENV, "0") == "1"
+    """Whether this process shows everything: ``--verbose``, ``QLORA_RAY_VERBOSE=1`` from its driver, or no
+    ``QLORA_RAY_VERBOSE`` at all (code not started by our command line: its logging is left as it was)."""
+    return os.environ.get(VERBOSE_ENV, "1") == "1"
 
 
 def setup(verbose: bool = False) -> None:
     """Configure the driver's console; call once at the start of a command, before Ray or models load.
 
     ``verbose``: ``-v`` was given (``QLORA_RAY_VERBOSE=1`` in the environment has the same effect).
+    :func:`teardown` undoes all of it when the command ends.
     """
+    root = logging.getLogger()
+    _saved.clear()
+    _saved.update(
+        handlers=list(root.handlers), level=root.level,
+        environ={name: os.environ.get(name) for name in (VERBOSE_ENV, *_QUIET_LIBRARIES)},
+    )  # fmt: skip
     verbose = verbose or os.environ.get(VERBOSE_ENV) == "1"
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
-    if not verbose:
-        for name, value in _QUIET_LIBRARIES.items():
-            os.environ.setdefault(name, value)
+    quiet_libraries()
     logging.captureWarnings(True)
     _install(_console_handler(verbose))
+
+
+def teardown() -> None:
+    """Undo :func:`setup` (at the end of a command): the log file closed, handlers, level and environment back."""
+    close_log()
+    if not _saved:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in _saved["handlers"]:
+        root.addHandler(handler)
+    root.setLevel(_saved["level"])
+    for name, value in _saved["environ"].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    logging.captureWarnings(False)
+    _handlers.clear()
+    _saved.clear()
+
+
+def ray_environment() -> dict[str, str]:
+    """The console choice and the quiet libraries' switches, for every process of the job (``ray.init``'s
+    runtime environment): on a cluster, Ray's processes do not inherit the driver's environment."""
+    names = (VERBOSE_ENV, *([] if verbose() else _QUIET_LIBRARIES))
+    return {name: os.environ[name] for name in names if name in os.environ}
 
 
 def setup_worker(rank: int = 0) -> None:
@@ -140,9 +182,12 @@ def setup_replica() -> None:
     """A Serve replica: quiet libraries, the root logger's console filtered as in the driver, and Serve's
     errors on stderr even when Serve's own console logging is off (``RAY_SERVE_LOG_TO_STDERR=0``, quiet mode),
     so that they reach the driver's console. Serve's ``ray.serve`` logger keeps the level Serve gave it."""
+    if verbose():
+        return
+    serve_prints = os.environ.get("RAY_SERVE_LOG_TO_STDERR") != "0"  # as Serve read it at import
     quiet_libraries()
     _filter_consoles(rank=0)
-    if verbose() or os.environ.get("RAY_SERVE_LOG_TO_STDERR") != "0":
+    if serve_prints:
         return
     serve_logger = logging.getLogger("ray.serve")
     if not any(getattr(h, "name", "") == "qlora-ray-errors" for h in serve_logger.handlers):
@@ -220,6 +265,9 @@ def restore() -> None:
     for library in ("ray", "ray.data", "ray.serve"):  # Ray Data and Serve configure theirs apart from Ray's
         if library == "ray" or library in sys.modules:
             _adopt(library)
+    logging.getLogger("ray").setLevel(logging.INFO)  # ray.init set the driver's to the job's level: the file wants INFO
+    if not verbose():
+        _quiet_transformers()
 
 
 def _adopt(name: str) -> None:
@@ -247,8 +295,9 @@ def hush(what: str) -> Iterator[None]:
             yield
     finally:
         text = buffer.getvalue().strip()
-        if text:
-            logging.getLogger("captured").info("%s:\n%s", what, text)
+        if text:  # a traceback or an error among it still reaches the console
+            alarming = "Traceback" in text or "Error" in text
+            logging.getLogger("captured").log(logging.ERROR if alarming else logging.INFO, "%s:\n%s", what, text)
 
 
 def _console_handler(verbose: bool) -> logging.Handler:
@@ -274,7 +323,10 @@ def _install(console: logging.Handler) -> None:
 
 def _quiet_transformers() -> None:
     """transformers writes to a handler of its own and draws progress bars when it loads weights: send its
-    lines through ours (the log file; the console filters them) and turn the bars off."""
+    lines through ours (the log file; the console filters them) and turn the bars off. Imported later, it reads
+    ``TRANSFORMERS_VERBOSITY`` (warnings off) until this runs again (:func:`restore`, after Ray starts)."""
+    if "transformers" not in sys.modules:
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_default_handler()

@@ -12,6 +12,7 @@ import logging
 import re
 from typing import Any
 
+from qlora_ray import console
 from qlora_ray.config import Config
 from qlora_ray.errors import QloraRayError
 from qlora_ray.storage import is_uri
@@ -33,13 +34,11 @@ def start_ray() -> Any:
     """
     import ray
 
-    from qlora_ray import console
-
     if ray.is_initialized():
         return ray
     try:
         with console.hush("Ray start-up"):
-            context = ray.init(**console.ray_init_options(), include_dashboard=True)
+            context = _init(ray)
     except (ConnectionError, ray.exceptions.AuthenticationError) as err:
         reason = remote_message(err) + (f": {err.__cause__}" if err.__cause__ else "")
         raise ClusterError(
@@ -52,11 +51,28 @@ def start_ray() -> Any:
     return ray
 
 
+def _init(ray: Any) -> Any:
+    """``ray.init`` with the console's options and environment for every process of the job.
+
+    Under ``ray job submit`` Ray merges that environment with the job's; if the submitter set one of the same
+    variables, Ray refuses the merge, and the job's own settings are kept.
+    """
+    options = {**console.ray_init_options(), "include_dashboard": True}
+    try:
+        return ray.init(**options, runtime_env={"env_vars": console.ray_environment()})
+    except ValueError as err:
+        if "Failed to merge the Job's runtime env" not in str(err):
+            raise
+        log.warning("the job's runtime environment sets the console's variables; keeping the job's")
+        return ray.init(**options)
+
+
 def started_here() -> bool:
     """Whether this process started the Ray it is connected to (a local Ray that ends with it).
 
     Ray has no public API for this; its node object knows whether it is the head this process started.
-    This is the project's one use of ``ray._private``.
+    This is the project's one use of ``ray._private`` in code (``qlora_ray/ray_data_logging.yaml`` names Ray's
+    own log handler classes, as Ray Data's documentation does for its logging config).
     """
     import ray
 

@@ -99,6 +99,10 @@ def peak_params(cfg: Config) -> dict[str, Any]:
     return {"lora.r": max(ranks.values)} if ranks is not None and ranks.values else {}
 
 
+# The names trials of sweeps started before sweep.space carry in their Tune configs: a resumed one keeps them.
+_EARLIER_NAMES = {"r": "lora.r", "lr": "train.lr", "alpha": "lora.alpha", "dropout": "lora.dropout"}
+
+
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
     """The run config of one trial: ``base`` with each searched key of ``params`` set, validated again.
 
@@ -109,6 +113,7 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     """
     raw = base.model_dump()
     space = search_space(base)
+    params = {_EARLIER_NAMES.get(key, key): value for key, value in params.items()}
     for key, value in params.items():
         domain = space.get(key)
         if isinstance(value, str) and domain is not None and domain.values is not None:

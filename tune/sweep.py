@@ -32,15 +32,26 @@ import yaml
 
 from jobs.export import register_checkpoint, registered_by
 from jobs.loop import STATE_FILE
-from jobs.preflight import PreflightResult, prepare_run
+from jobs.preflight import PreflightError, PreflightResult, prepare_run
 from jobs.train import build_trainer
 from qlora_ray import cli
 from qlora_ray.config import Config, changed_keys, from_dict
 from qlora_ray.console import clock
+from qlora_ray.model import ModelError, model_skeleton, resolve_targets
 from qlora_ray.runtime import failure_summary, start_ray, storage_path
 from qlora_ray.storage import filesystem_of, is_uri, read_text, upload_dir, write_text
 from tune import report
-from tune.space import SweepError, describe, param_space, peak_params, scheduler, searcher, trial_config, trial_count
+from tune.space import (
+    SweepError,
+    describe,
+    param_space,
+    peak_params,
+    scheduler,
+    search_space,
+    searcher,
+    trial_config,
+    trial_count,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +90,28 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], train_rows: list, ho
 
 
 def prepare_sweep(cfg: Config) -> tuple[Config, PreflightResult]:
-    """:func:`jobs.train.prepare_run` for a sweep: checked at the largest ``lora.r`` its space searches, so that the
-    memory estimate holds for every trial. Each trial sets its own searched keys on top of the config returned."""
-    return prepare_run(trial_config(cfg, peak_params(cfg)))
+    """:func:`jobs.preflight.prepare_run` for a sweep: checked at the largest ``lora.r`` its space searches, so that
+    the memory estimate holds for every trial, and every searched ``lora.target_modules`` checked against the model
+    before any trial starts. Each trial sets its own searched keys on top of the config returned."""
+    prepared = prepare_run(trial_config(cfg, peak_params(cfg)))
+    _check_searched_targets(cfg)
+    return prepared
+
+
+def _check_searched_targets(cfg: Config) -> None:
+    """Each searched ``lora.target_modules`` value must match modules of the model (as preflight checks one)."""
+    domain = search_space(cfg).get("lora.target_modules")
+    if domain is None or not domain.values:
+        return
+    skeleton = model_skeleton(cfg.model)
+    problems = []
+    for targets in domain.values:
+        try:
+            resolve_targets(skeleton, trial_config(cfg, {"lora.target_modules": targets}).lora, cfg.model.name_or_path)
+        except ModelError as err:
+            problems.append(f"sweep.space lora.target_modules {targets!r}: {err}")
+    if problems:
+        raise PreflightError("the sweep cannot start:\n" + "\n".join(f"- {p}" for p in problems))
 
 
 def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = None) -> SweepOutcome:

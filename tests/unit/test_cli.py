@@ -120,3 +120,30 @@ def test_a_command_writes_its_log_file_and_says_where(tmp_path, monkeypatch, cap
     log_file = tmp_path / "logs" / "logged.preflight.log"
     assert f"log: {log_file}" in err and "missing.jsonl" in err
     assert "missing.jsonl" in log_file.read_text()
+
+
+def test_an_unwritable_log_directory_is_a_warning_not_a_failure(tmp_path, monkeypatch, capsys):
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("QLORA_RAY_LOG_DIR", str(blocked / "logs"))
+    assert cli_main(["preflight", "--config", QUICKSTART, "data.path=missing.jsonl"]) == 1
+    err = capsys.readouterr().err
+    assert "no log file: cannot write" in err and "QLORA_RAY_LOG_DIR" in err and "missing.jsonl" in err
+
+
+@pytest.mark.parametrize("argv", [["-v", "artifacts", "list"], ["artifacts", "list", "-v"], ["artifacts", "-v", "list"]])
+def test_verbose_goes_anywhere_on_the_artifacts_command(argv, tmp_path, capsys):
+    assert cli_main([*argv, "--registry", str(tmp_path / "registry")]) == 0
+    assert "is empty" in capsys.readouterr().out
+
+
+def test_a_command_leaves_the_process_as_it_found_it(tmp_path, monkeypatch):
+    import logging
+    import os
+
+    monkeypatch.delenv("QLORA_RAY_VERBOSE", raising=False)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    before = list(logging.getLogger().handlers)
+    assert cli_main(["artifacts", "list", "--registry", str(tmp_path / "registry")]) == 0
+    assert list(logging.getLogger().handlers) == before
+    assert "QLORA_RAY_VERBOSE" not in os.environ and "TQDM_DISABLE" not in os.environ

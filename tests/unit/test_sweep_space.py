@@ -306,3 +306,29 @@ def test_the_sweep_is_checked_at_the_largest_rank_it_searches(monkeypatch):
     monkeypatch.setattr(sweep, "prepare_run", lambda checked: (checked, None))
     prepared, _ = sweep.prepare_sweep(cfg)
     assert (prepared.lora.r, prepared.lora.alpha) == (32, 64)
+
+
+def test_a_sweep_saved_before_sweep_space_still_resumes():
+    """Its saved config lacks sweep.space (the default counts) and its trials carry r/lr/alpha/dropout."""
+    from qlora_ray.config import changed_keys
+
+    cfg = load_config(None, ["sweep.ranks=[4,8]"])
+    saved = cfg.model_dump()
+    del saved["sweep"]["space"]
+    assert changed_keys(saved, cfg.model_dump()) == []
+    saved["sweep"]["ranks"] = [2]
+    assert changed_keys(saved, cfg.model_dump()) == ["sweep.ranks"]
+    old = trial_config(cfg, {"r": 8, "lr": 1e-4, "alpha": 4.0, "dropout": 0.1})
+    assert (old.lora.r, old.train.lr, old.lora.alpha, old.lora.dropout) == (8, 1e-4, 4.0, 0.1)
+
+
+def test_every_searched_target_set_is_checked_before_the_sweep(tiny_phi_dir):
+    from jobs.preflight import PreflightError
+    from tune.sweep import _check_searched_targets
+
+    good = load_config(None, [f"model.name_or_path={tiny_phi_dir}", "sweep.space.lora.target_modules.values=[[q_proj],[dense,fc1]]"])
+    _check_searched_targets(good)  # both sets name modules phi-2 has
+    bad = load_config(None, [f"model.name_or_path={tiny_phi_dir}", "sweep.space.lora.target_modules.values=[[q_proj],[o_proj]]"])
+    with pytest.raises(PreflightError, match=r"lora.target_modules \['o_proj'\]") as err:
+        _check_searched_targets(bad)
+    assert "['q_proj']" not in str(err.value)
