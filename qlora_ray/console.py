@@ -132,9 +132,13 @@ def teardown() -> None:
 
 def ray_environment() -> dict[str, str]:
     """The console choice and the quiet libraries' switches, for every process of the job (``ray.init``'s
-    runtime environment): on a cluster, Ray's processes do not inherit the driver's environment."""
+    runtime environment): on a cluster, Ray's processes do not inherit the driver's environment.
+
+    Not Ray Data's logging config: it is a path on this machine, which other nodes may not have (and Ray Data
+    cannot start without the file it names). A local Ray inherits it with the rest of the driver's environment.
+    """
     names = (VERBOSE_ENV, *([] if verbose() else _QUIET_LIBRARIES))
-    return {name: os.environ[name] for name in names if name in os.environ}
+    return {name: os.environ[name] for name in names if name in os.environ and name != "RAY_DATA_LOGGING_CONFIG"}
 
 
 def setup_worker(rank: int = 0) -> None:

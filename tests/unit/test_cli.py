@@ -147,3 +147,21 @@ def test_a_command_leaves_the_process_as_it_found_it(tmp_path, monkeypatch):
     assert cli_main(["artifacts", "list", "--registry", str(tmp_path / "registry")]) == 0
     assert list(logging.getLogger().handlers) == before
     assert "QLORA_RAY_VERBOSE" not in os.environ and "TQDM_DISABLE" not in os.environ
+
+
+def test_the_job_environment_carries_the_console_choice_but_no_local_path(monkeypatch):
+    from qlora_ray import console
+
+    monkeypatch.delenv("QLORA_RAY_VERBOSE", raising=False)
+    console.setup(verbose=False)
+    try:
+        quiet = console.ray_environment()
+    finally:
+        console.teardown()
+    assert quiet["QLORA_RAY_VERBOSE"] == "0" and quiet["TQDM_DISABLE"] == "1"
+    assert "RAY_DATA_LOGGING_CONFIG" not in quiet  # a path on this machine, not on a cluster's other nodes
+    console.setup(verbose=True)
+    try:
+        assert console.ray_environment() == {"QLORA_RAY_VERBOSE": "1"}
+    finally:
+        console.teardown()
