@@ -97,12 +97,13 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def stream_once(url: str, prompt: str, max_tokens: int) -> tuple[float, float, int, int]:
+def stream_once(url: str, prompt: str, max_tokens: int, key: str | None = None) -> tuple[float, float, int, int]:
     """One streaming chat request: (latency, time to first token, output tokens, HTTP status)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     began, first, tokens = time.perf_counter(), None, 0
-    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as reply:
+    with requests.post(f"{url}/v1/chat/completions", json=body, headers=headers, stream=True, timeout=600) as reply:
         if reply.status_code != 200:
             return time.perf_counter() - began, float("nan"), 0, reply.status_code
         for line in reply.iter_lines(decode_unicode=True):

@@ -85,7 +85,11 @@ def _command(args: argparse.Namespace) -> None:
         if args.command == "list":
             _print_list(registry)
         elif args.command == "show":
-            print(json.dumps(registry.get(args.name).manifest, indent=2))
+            entry = registry.find(args.name)
+            if entry is None:  # the registry's own error names no other adapter (Serve shows it to clients)
+                known = ", ".join(e.name for e in registry.list()) or "none"
+                raise RegistryError(f"no adapter named {args.name!r} in {registry.location} (known: {known})")
+            print(json.dumps(entry.manifest, indent=2))
         else:
             entry = registry.best(args.base)
             if entry is None:

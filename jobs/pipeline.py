@@ -43,7 +43,7 @@ from qlora_ray.errors import QloraRayError
 from qlora_ray.runtime import start_ray, storage_path
 from qlora_ray.storage import read_text, write_text
 from serve.__main__ import run_serve, serve_until_interrupted, wait_healthy
-from serve.app import api_keys
+from serve.auth import api_keys
 from tune.sweep import prepare_sweep, run_sweep
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def smoke_query(
     if not wait_healthy(url, timeout_s):
         raise StageError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s; see the Serve logs "
                          "(/tmp/ray/session_latest/logs/serve/)")  # fmt: skip
-    keys = sorted(api_keys(cfg))
+    keys = sorted(api_keys(cfg.serve))
     body = {"model": cfg.run.name, "messages": messages, "max_tokens": SMOKE_TOKENS, "temperature": 0}
     request = urllib.request.Request(
         f"{url}/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
@@ -188,7 +188,7 @@ def smoke_query(
 
 def summary(cfg: Config, outcome: PipelineOutcome) -> str:
     """What a user needs next: the endpoint and how to query it, the dashboards, the model card."""
-    secured = bool(api_keys(cfg))  # then $KEY stands for one of the keys, which are never printed
+    secured = bool(api_keys(cfg.serve))  # then $KEY stands for one of the keys, which are never printed
     auth = ' -H "Authorization: Bearer $KEY"' if secured else ""
     key = 'os.environ["KEY"]' if secured else '"unused"'
     tensorboard = (

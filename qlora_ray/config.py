@@ -468,9 +468,25 @@ class ServeConfig(_Section):
     )
     api_keys_file: str | None = Field(
         None,
-        description="File of API keys, one per line; then every route but /healthz needs 'Authorization: Bearer "
-        "<key>'. The QLORA_RAY_API_KEYS variable (comma-separated) adds keys.",
+        description="File of API keys, one per line ('#' starts a comment); then every route but /healthz and the "
+        "chat page needs 'Authorization: Bearer <key>'. The QLORA_RAY_API_KEYS variable (comma-separated) adds "
+        "keys. Both are read where the app is built, and the replicas get the keys' hashes.",
     )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without API keys on a host other than loopback (anyone who reaches the port may "
+        "use it); without this, such a host with no keys refuses to start.",
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body, in bytes; larger is a 413.")
+    body_timeout_s: float = Field(
+        10, gt=0, description="Longest time a client may take to send its request body; slower is a 408."
+    )
+    max_messages: int = Field(128, ge=1, description="Most messages in one chat request; more is a 400.")
+    max_message_chars: int = Field(
+        32_000, ge=1, description="Most characters in one message or prompt; more is a 400 (before any tokenising)."
+    )
+    max_stop_strings: int = Field(4, ge=0, description="Most stop strings in one request; more is a 400.")
+    max_stop_chars: int = Field(64, ge=1, description="Longest stop string, in characters; longer is a 400.")
+    max_choices: int = Field(4, ge=1, description="Largest n (choices per request); more is a 400.")
     log_prompts: bool = Field(False, description="Log prompts and answers (off: only sizes and timings are logged).")
     grounding: GroundingConfig = Field(
         default_factory=GroundingConfig,

@@ -8,7 +8,8 @@ Serve answers: same base model load, same adapters, same sampling.
 - :class:`AdapterSet` puts several LoRA adapters on that one base (PEFT) and takes them off again.
 - :func:`decode` generates for a batch of prompts at once, each row with its own adapter (PEFT's mixed-adapter
   batches), sampling settings, stop strings and token budget, yielding text deltas step by step; rows that
-  finish leave the batch (and its key/value cache) at once.
+  finish leave the batch (and its key/value cache) at once. :class:`DecodeBatch` is its continuous form: rows
+  join between steps, and a row with a ``seed`` samples from a generator of its own.
 """
 
 from __future__ import annotations
@@ -110,12 +111,18 @@ def check_adapter_dir(directory: Path) -> None:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How one request samples: temperature 0 is greedy; stop strings end the text and are not returned."""
+    """How one request samples: temperature 0 is greedy; stop strings end the text and are not returned.
+
+    A ``seed`` gives the row a random generator of its own, seeded with it: the same prompt, settings and seed
+    give the same text on the same model and device, whatever else is in the batch. Rows without one share the
+    batch's generator.
+    """
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,8 +137,9 @@ class Chunk:
 class _Row:
     """One request's generated tokens and the text handed out so far."""
 
-    def __init__(self, sampling: Sampling, eos: set[int]):
+    def __init__(self, sampling: Sampling, eos: set[int], device: torch.device):
         self.sampling, self.eos = sampling, eos
+        self.generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
         self.tokens: list[int] = []
         self.sent = 0  # characters of the decoded text already returned
 
@@ -176,8 +184,12 @@ class DecodeBatch:
 
     This is continuous batching: :meth:`add` runs the new prompts' prefill, then merges their key/value cache
     into the running batch's (left-padded to a common length), so a request never waits for a batch to end.
-    Each row has its own adapter (:data:`BASE` for none; needs a PEFT model), sampling settings, stop strings
-    and token budget; a row that finishes leaves the batch and its cache at once.
+    :meth:`add` is all or nothing: it changes the batch only once everything has been computed, so one that
+    raises (a bad prompt, an adapter that is not loaded) leaves the running rows exactly as they were. A
+    :meth:`step` that raises leaves the batch unusable (its cache may hold half the step).
+    Each row has its own adapter (:data:`BASE` for none; needs a PEFT model), sampling settings (a seeded row
+    samples from its own generator), stop strings and token budget; a row that finishes leaves the batch and
+    its cache at once.
     """
 
     def __init__(self, model: Any, tokenizer: Any, generator: torch.Generator | None = None):
@@ -198,9 +210,14 @@ class DecodeBatch:
         self, keys: Sequence[Any], prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling],
         adapters: Sequence[str] | None = None,
     ) -> dict[Any, Chunk]:  # fmt: skip
-        """Prefill new rows and merge them in; returns each new row's first chunk (it may already be final)."""
+        """Prefill new rows and merge them in; returns each new row's first chunk (it may already be final).
+
+        Raises (leaving the batch as it was): ValueError for an empty prompt or a token id outside the model's
+        vocabulary; whatever the forward pass raises, e.g. for an adapter that is not loaded.
+        """
         from transformers import DynamicCache
 
+        self._check(prompts)
         width = max(len(p) for p in prompts)
         ids = torch.zeros((len(prompts), width), dtype=torch.long)  # padding ids are masked out: any id will do
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -212,27 +229,42 @@ class DecodeBatch:
         cache = DynamicCache(config=self.model.config)
         names = list(adapters) if adapters is not None else None
         logits = self._forward(ids, mask, positions, cache, names)
-        rows = [_Row(s, self.eos) for s in sampling]
-        tokens = sample(logits, sampling, self.generator)
-        if self.rows:
-            self._merge(cache, mask)
-        else:
-            self.cache, self.mask = cache, mask
-        self.positions = torch.cat([self.positions.to(self.device, torch.long), positions[:, -1:] + 1])
-        self.tokens = torch.cat([self.tokens.to(self.device, torch.long), tokens])
-        self.keys, self.rows = self.keys + list(keys), self.rows + rows
+        rows = [_Row(s, self.eos, self.device) for s in sampling]
+        tokens = sample(logits, sampling, self.generator, [r.generator for r in rows])
+        chunks = self._chunks(list(keys), rows, tokens.tolist())
+        going = [i for i, key in enumerate(keys) if chunks[key].finish_reason is None]  # rows done at once stay out
+        if not going:
+            return chunks
+        if len(going) < len(rows):
+            index = torch.tensor(going, dtype=torch.long, device=self.device)
+            cache.batch_select_indices(index)
+            mask, positions, tokens = mask[index], positions[index], tokens[index]
+        old = len(self.rows)
+        layers, mask = self._merged(cache, mask)
+        positions = torch.cat([self.positions.to(self.device, torch.long), positions[:, -1:] + 1])
+        tokens = torch.cat([self.tokens.to(self.device, torch.long), tokens])
         if names is not None or self.names is not None:
-            self.names = (self.names or [BASE] * (len(self.rows) - len(rows))) + (names or [BASE] * len(rows))
-        return self._advance(tokens.tolist(), start=len(self.rows) - len(rows))
+            names = (self.names or [BASE] * old) + [(names or [BASE] * len(rows))[i] for i in going]
+        # Everything is computed: commit (plain assignments, which cannot fail half-way).
+        if old:
+            for layer, (layer_keys, layer_values) in zip(self.cache.layers, layers, strict=True):
+                layer.keys, layer.values = layer_keys, layer_values
+        else:
+            self.cache = cache
+        self.mask, self.positions, self.tokens, self.names = mask, positions, tokens, names
+        self.keys, self.rows = self.keys + [keys[i] for i in going], self.rows + [rows[i] for i in going]
+        return chunks
 
     @torch.inference_mode()
     def step(self) -> dict[Any, Chunk]:
         """One token for every row; returns each row's chunk."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits = self._forward(self.tokens[:, None], self.mask, self.positions, self.cache, self.names)
-        self.positions = self.positions + 1
-        self.tokens = sample(logits, [r.sampling for r in self.rows], self.generator)
-        return self._advance(self.tokens.tolist(), start=0)
+        mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        logits = self._forward(self.tokens[:, None], mask, self.positions, self.cache, self.names)
+        tokens = sample(logits, [r.sampling for r in self.rows], self.generator, [r.generator for r in self.rows])
+        self.mask, self.positions, self.tokens = mask, self.positions + 1, tokens
+        chunks = self._chunks(self.keys, self.rows, tokens.tolist())
+        self.drop({key for key, chunk in chunks.items() if chunk.finish_reason is not None})
+        return chunks
 
     def drop(self, keys: set[Any]) -> None:
         """Remove rows (finished, or their caller is gone) from the batch and its cache."""
@@ -258,26 +290,33 @@ class DecodeBatch:
         with context:
             return self.model(**kwargs, **extra).logits[:, -1, :].float()
 
-    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
-        """Append the new rows' cache and mask to the batch's, left-padding the shorter side."""
+    def _check(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Refuse what the forward pass would choke on (an out-of-range id is a device-side assert on CUDA)."""
+        vocabulary = self.model.get_input_embeddings().num_embeddings
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("an empty prompt cannot be decoded: it needs at least one token")
+            bad = next((token for token in prompt if not 0 <= token < vocabulary), None)
+            if bad is not None:
+                raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocabulary}")
+
+    def _merged(self, cache: Any, mask: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """The batch's per-layer keys and values and its mask with the new rows' appended, left-padding the
+        shorter side; new tensors, the batch itself unchanged. The new rows' own when the batch is empty."""
+        if not self.rows:
+            return [(layer.keys, layer.values) for layer in cache.layers], mask
         old, new = self.mask.shape[1], mask.shape[1]
         width = max(old, new)
-        self.mask = torch.cat([_left_pad(self.mask, width - old, dim=1), _left_pad(mask, width - new, dim=1)])
-        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat(
-                [_left_pad(mine.keys, width - old, dim=2), _left_pad(theirs.keys, width - new, dim=2)]
-            )
-            mine.values = torch.cat(
-                [_left_pad(mine.values, width - old, dim=2), _left_pad(theirs.values, width - new, dim=2)]
-            )
 
-    def _advance(self, tokens: list[int], start: int) -> dict[Any, Chunk]:
-        chunks = {}
-        for offset, token in enumerate(tokens):
-            i = start + offset
-            chunks[self.keys[i]] = self.rows[i].add(token, self.tokenizer)
-        self.drop({key for key, chunk in chunks.items() if chunk.finish_reason is not None})
-        return chunks
+        def joined(mine: torch.Tensor, theirs: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat([_left_pad(mine, width - old, dim), _left_pad(theirs, width - new, dim)])
+
+        layers = [(joined(mine.keys, theirs.keys, 2), joined(mine.values, theirs.values, 2))
+                  for mine, theirs in zip(self.cache.layers, cache.layers, strict=True)]  # fmt: skip
+        return layers, joined(self.mask, mask, 1)
+
+    def _chunks(self, keys: Sequence[Any], rows: Sequence[_Row], tokens: list[int]) -> dict[Any, Chunk]:
+        return {key: row.add(token, self.tokenizer) for key, row, token in zip(keys, rows, tokens, strict=True)}
 
 
 def route_adapters(model: Any, names: Sequence[str] | None) -> tuple[dict[str, Any], Any]:
@@ -349,8 +388,15 @@ def decode(
         chunks = batch.step()
 
 
-def sample(logits: torch.Tensor, sampling: Sequence[Sampling], generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row: greedy where the temperature is 0, else nucleus sampling at the row's settings."""
+def sample(
+    logits: torch.Tensor, sampling: Sequence[Sampling], generator: torch.Generator | None,
+    own: Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """One token per row: greedy where the temperature is 0, else nucleus sampling at the row's settings.
+
+    ``own`` gives rows a generator of their own (None: the shared ``generator``); a row draws from its own
+    alone, so what it samples does not depend on the other rows.
+    """
     greedy = logits.argmax(dim=-1)
     temperature = torch.tensor([s.temperature for s in sampling], device=logits.device)
     if bool((temperature == 0).all()):
@@ -362,7 +408,17 @@ def sample(logits: torch.Tensor, sampling: Sequence[Sampling], generator: torch.
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]  # the most likely token always stays
         sorted_probs = sorted_probs.masked_fill(outside, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    own = list(own) if own is not None else [None] * len(sampling)
+    shared = [i for i, row in enumerate(own) if row is None]
+    if len(shared) == len(own):
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        drawn = greedy.clone()
+        if shared:
+            drawn[shared] = torch.multinomial(probs[shared], 1, generator=generator).squeeze(-1)
+        for i, row in enumerate(own):
+            if row is not None and sampling[i].temperature > 0:
+                drawn[i] = torch.multinomial(probs[i : i + 1], 1, generator=row)[0, 0]
     return torch.where(temperature == 0, greedy, drawn)
 
 

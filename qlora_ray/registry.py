@@ -4,14 +4,41 @@ The sweep writes it; evaluation and Serve read it. A registry is a local directo
 URI (``file:///...``, ``s3://...``, ``gs://...``), and every read and write goes through ``pyarrow.fs`` so both
 behave the same::
 
-    <registry>/adapters/<name>/        a plain PEFT adapter directory plus manifest.json
-    <registry>/best/<base-key>.json    {"name", "metric", "value", "mode", "updated", "base_model"}
+    <registry>/adapters/<name>/manifest.json    the manifest: its "revision" names the directory of the files
+    <registry>/revisions/<name>/<revision>/     the files: a plain PEFT adapter directory, plus a copy of the manifest
+    <registry>/best/<base-key>.json             {"name", "metric", "value", "mode", "updated", "base_model"}
+    <registry>/.lock                            local registries only: writers hold it (fcntl.flock)
 
-An adapter is listed only once its ``manifest.json`` exists, and the manifest is always written last: on a
-local filesystem the adapter is staged under a hidden sibling and renamed into place; object stores have no
-directory rename, so there the files go straight to ``adapters/<name>/`` and the manifest still comes last.
-Either way a half-copied adapter is never listed. Writers are expected to be one process (the sweep driver);
-there is no locking.
+An adapter is listed once ``adapters/<name>/manifest.json`` exists. A manifest without "revision" (written before
+revisions existed) has its files beside it. ``Entry.uri`` is the directory of the files.
+
+What writers guarantee (for a writer process that is killed; no fsync is done, so a machine that loses power
+may lose the last write):
+
+- Atomic writes. A registration uploads the files to a fresh revision directory, then writes the manifest that
+  points at it, then deletes the revision (or the pre-revision files) it replaced. A manifest or pointer is
+  written under a staging name beside it and moved into place (a rename locally, a whole new object on an object
+  store). So a reader finds an adapter's old version or its new one, never a mix and never neither, and a
+  writer killed at any point leaves one of the two (a first registration killed early leaves no adapter). One
+  killed after its manifest but before the pointer leaves the pointer where it was until the next registration.
+- Cleanup. What a killed writer left (unreferenced revisions, staging files) is deleted by the next write of
+  that adapter or pointer: at once on a local registry, whose writers take the lock; on an object store once it
+  is older than ``qlora_ray.storage.STALE_AFTER_S`` (an hour), as it could be a live writer's upload.
+- The best pointer is recomputed from every manifest of its base model after each registration: the adapter
+  with the best value of the pointer's metric wins, a tie keeps the incumbent. Locally the whole registration
+  holds the lock (``<registry>/.lock``), so concurrent writers run one after the other. An object store has no
+  locks: there a writer, after writing the pointer, reads it back and re-ranks from the manifests until the two
+  agree (at most SETTLE_ROUNDS times), so the pointer ends at the best adapter whichever writer finishes last.
+  Two registrations of one name at once on an object store: the later manifest wins. ``set_best`` pins an
+  adapter until the next registration for that base model re-ranks.
+- Readers take no lock. A reader that resolved an adapter just before it was overwritten may find the old
+  revision deleted; ``local_dir`` then resolves it again.
+
+A damaged registry degrades: an unreadable manifest, or one whose files are missing, is left out of
+``list()`` with a warning; ``get`` of that name raises :class:`RegistryError` naming the damage. A best pointer
+to a missing or damaged adapter falls back to the best remaining adapter by the pointer's metric (a warning
+says so); an unreadable pointer ranks by val_loss (min). Error messages name no paths (Serve shows them to
+clients); the warnings in the log do.
 
 From the shell: ``qlora-ray artifacts list|show|best`` (``jobs/artifacts.py``).
 
@@ -20,6 +47,8 @@ Nothing heavy is imported here (no torch, transformers or Ray): Serve ingress pr
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -31,6 +60,7 @@ import posixpath
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,18 +72,31 @@ from pydantic import ValidationError
 
 from qlora_ray.config import Config, ConfigError, DataConfig
 from qlora_ray.errors import QloraRayError
-from qlora_ray.storage import StorageError, filesystem_of, is_uri, write_bytes_atomic
+from qlora_ray.storage import (
+    StorageError,
+    age_of,
+    filesystem_of,
+    fresh_name,
+    is_stale,
+    is_uri,
+    remove_leftovers,
+    write_bytes_atomic,
+)
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 ADAPTER_CONFIG = "qlora_ray_config.yaml"  # the run config saved beside a trained adapter
 NAME_RULE = "1-128 letters, digits, '-', '_' or '.', starting with a letter or digit, and no '..'"
 NAME_EXAMPLE = "phi2-faq-r16-lr2e-4"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_REVISION = re.compile(r"r-\d{8}T\d{6}Z-[0-9a-f]{8}")  # storage.fresh_name("r-")
 # A hub id such as "microsoft/phi-2" or "gpt2": at most one slash, no path tricks.
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 LIST_HINT = "list the registry with: qlora-ray artifacts list"
+DEFAULT_RANKING = ("val_loss", "min")  # what an unreadable best pointer falls back to
+SETTLE_ROUNDS = 5  # object stores: write-and-check rounds of the best pointer
 
 
 class RegistryError(QloraRayError, ValueError):
@@ -62,7 +105,7 @@ class RegistryError(QloraRayError, ValueError):
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered adapter: ``uri`` is its directory, as a path (local registry) or a URI."""
+    """One registered adapter: ``uri`` is the directory of its files, as a path (local registry) or a URI."""
 
     name: str
     uri: str
@@ -73,7 +116,7 @@ def validate_name(name: str) -> str:
     """Return ``name`` if it is a safe adapter name, else raise :class:`RegistryError`.
 
     Names become path components, so anything that could climb out of ``adapters/`` (``..``, ``/``) or hide
-    (a leading ``.``, which staging directories use) is refused before it touches a path.
+    (a leading ``.``, which staging files use) is refused before it touches a path.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise RegistryError(f"invalid adapter name {name!r}: use {NAME_RULE} (e.g. {NAME_EXAMPLE!r})")
@@ -99,7 +142,7 @@ def _now() -> str:
 
 
 class Registry:
-    """Named adapters under one location; see the module docstring for the layout."""
+    """Named adapters under one location; see the module docstring for the layout and the guarantees."""
 
     def __init__(self, location: str):
         if not location:
@@ -110,8 +153,9 @@ class Registry:
             self.fs, self.root = filesystem_of(location)
         except StorageError as err:
             raise RegistryError(f"cannot open registry: {err}") from None
-        # Only a local filesystem renames directories; object stores copy object by object.
-        self._renames = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+        # A local filesystem can be locked; an object store cannot, and another writer may be busy in it.
+        self._local = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
+        self._reserved: dict[str, str] = {}  # name -> the revision location_of promised to the next register
 
     def __repr__(self) -> str:
         return f"Registry({self.location!r})"
@@ -119,58 +163,81 @@ class Registry:
     # Reading
 
     def list(self) -> list[Entry]:
-        """Every complete adapter, sorted by name (staging directories and those without a manifest skipped)."""
+        """Every complete adapter, sorted by name; damaged ones are left out with a warning."""
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path("adapters"), allow_not_found=True))
         entries = []
         for info in sorted(infos, key=lambda i: i.base_name):
             if info.type != pyarrow.fs.FileType.Directory or not _NAME.fullmatch(info.base_name):
                 continue
-            manifest = self._read_json(f"{info.path}/{MANIFEST}")
-            if manifest is not None:
-                entries.append(Entry(info.base_name, self._uri(info.base_name), manifest))
+            with contextlib.suppress(RegistryError):  # damaged: _load logged it
+                if (entry := self._load(info.base_name)) is not None:
+                    entries.append(entry)
         return entries
 
     def get(self, name: str) -> Entry:
-        """The adapter called ``name``; an unknown name is an error that lists the known ones."""
+        """The adapter called ``name``; an unknown or damaged one is a :class:`RegistryError` naming no paths."""
         entry = self.find(name)
         if entry is None:
-            known = [e.name for e in self.list()]
-            listing = f"known: {', '.join(known)}" if known else f"the registry {self.location} is empty"
-            raise RegistryError(f"no adapter named {name!r} in {self.location} ({listing}); {LIST_HINT}")
+            raise RegistryError(f"no adapter named {name!r} is registered; {LIST_HINT}")
         return entry
 
     def find(self, name: str) -> Entry | None:
-        """The adapter called ``name``, or None; reads that adapter's manifest only."""
-        manifest = self._read_json(f"{self._adapter_path(name)}/{MANIFEST}")
-        return None if manifest is None else Entry(name, self._uri(name), manifest)
+        """The adapter called ``name``, None when there is none; raises :class:`RegistryError` when damaged."""
+        return self._load(name)
 
     def pointers(self) -> dict[str, dict[str, Any]]:
-        """All ``best`` pointers, keyed by base-model key."""
+        """All readable ``best`` pointers, keyed by base-model key (an unreadable one is logged and left out)."""
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self._path("best"), allow_not_found=True))
         found = {}
         for info in sorted(infos, key=lambda i: i.base_name):
             is_pointer = info.type == pyarrow.fs.FileType.File and info.base_name.endswith(".json")
-            if is_pointer and not info.base_name.startswith(".") and (pointer := self._read_json(info.path)):
+            if is_pointer and not info.base_name.startswith(".") and (pointer := self._read_pointer(info.path)):
                 found[info.base_name.removesuffix(".json")] = pointer
         return found
 
     def best(self, base_model: str | None = None) -> Entry | None:
-        """The best adapter for ``base_model``; with None, that of the only base model the registry holds."""
-        if base_model is not None:
-            pointer = self._read_json(self._pointer_path(base_model))
-            return None if pointer is None else self.get(pointer["name"])
-        pointers = self.pointers()
-        if len(pointers) > 1:
-            bases = ", ".join(p.get("base_model", key) for key, p in pointers.items())
-            raise RegistryError(
-                f"registry {self.location} has best adapters for {len(pointers)} base models ({bases}); "
-                "choose one: best(base_model=...) or --base MODEL"
-            )
-        return self.get(next(iter(pointers.values()))["name"]) if pointers else None
+        """The best adapter for ``base_model``; with None, that of the only base model the registry holds.
+
+        A pointer to a missing or damaged adapter falls back to the best remaining one (logged).
+        """
+        if base_model is None:
+            pointers = self.pointers()
+            if len(pointers) > 1:
+                bases = ", ".join(p["base_model"] for p in pointers.values())
+                raise RegistryError(
+                    f"the registry has best adapters for {len(pointers)} base models ({bases}); "
+                    "choose one: best(base_model=...) or --base MODEL"
+                )
+            if not pointers:
+                return None
+            pointer = next(iter(pointers.values()))
+            base_model = pointer["base_model"]
+        else:
+            path = self._pointer_path(base_model)
+            if self.fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+                return None
+            pointer = self._read_pointer(path)
+        if pointer is not None:
+            with contextlib.suppress(RegistryError):  # damaged: _load logged it
+                if (entry := self._load(pointer["name"])) is not None:
+                    return entry
+        metric, mode = (pointer["metric"], pointer["mode"]) if pointer else DEFAULT_RANKING
+        fallback = self._rank(base_model, metric, mode)
+        log.warning(
+            "registry %s: the best pointer of %s %s; using the best remaining adapter by %s (%s): %s",
+            self.location, base_model,
+            f"names adapter {pointer['name']!r}, which is missing or damaged" if pointer else "cannot be read",
+            metric, mode, fallback.name if fallback else "none",
+        )  # fmt: skip
+        return fallback
 
     def location_of(self, name: str) -> str:
-        """Where adapter ``name`` lives (or will live once registered): a path or a URI."""
-        return self._uri(validate_name(name))
+        """Where the next ``register(name, ...)`` through this object puts the adapter's files: a path or a URI.
+
+        The revision is chosen here and kept for that registration, so files written before it (a model card)
+        can name their own home.
+        """
+        return self._uri(*_files(name, self._reserved.setdefault(validate_name(name), fresh_name("r-"))))
 
     # Writing
 
@@ -184,15 +251,15 @@ class Registry:
         mode: Literal["min", "max"] = "min",
         overwrite: bool = False,
     ) -> Entry:
-        """Copy the local adapter directory ``source_dir`` in as ``name`` and move the ``best`` pointer.
+        """Copy the local adapter directory ``source_dir`` in as ``name`` and re-rank the ``best`` pointer.
 
-        The pointer of ``manifest["base_model"]`` moves here when there is none yet or this adapter's
-        ``manifest["metrics"][metric]`` is better (per ``mode``) than the pointer's value.
+        The pointer of ``manifest["base_model"]`` then names the adapter with the best
+        ``manifest["metrics"][metric]`` (per ``mode``) among all registered for that base model.
 
         Raises:
             RegistryError: a bad name or manifest, a missing source, or an existing name without overwrite.
         """
-        target = self._adapter_path(name)
+        home = self._inside("adapters", validate_name(name))
         source = Path(source_dir)
         if not (source / "adapter_config.json").is_file():
             raise RegistryError(f"{source} is not a PEFT adapter directory (no adapter_config.json); pass the adapter")
@@ -200,33 +267,45 @@ class Registry:
         if not isinstance(base, str) or not base:
             raise RegistryError(f"the manifest of {name!r} needs base_model (a string); build it with manifest_for()")
         _check_mode(mode)
-        pointer = self._read_json(self._pointer_path(base))
-        if pointer is not None and (pointer["metric"], pointer["mode"]) != (metric, mode):
-            raise RegistryError(
-                f"the best pointer of {base} ranks by {pointer['metric']} ({pointer['mode']}), not {metric} ({mode}): "
-                f"register with metric={pointer['metric']!r}, mode={pointer['mode']!r}, or re-rank with set_best()"
-            )
-        exists = self.fs.get_file_info(f"{target}/{MANIFEST}").type == pyarrow.fs.FileType.File
-        if exists and not overwrite:
-            raise RegistryError(
-                f"adapter {name!r} already exists in {self.location}: choose another name or pass overwrite=True"
-            )
-        manifest = {**manifest, "name": name, "created": manifest.get("created") or _now()}
-        self._write_adapter(name, source, manifest)
-        entry = Entry(name, self._uri(name), manifest)
-        if pointer is not None and pointer["name"] == name:
-            self._rerank(base, metric, mode)  # its own value changed: another entry may now be better
-        elif _better(metric_of(manifest, metric), pointer, mode):
-            self._write_pointer(entry, metric, mode)
-        return entry
+        with self._writing():
+            pointer = self._read_pointer(self._pointer_path(base))
+            if pointer is not None and (pointer["metric"], pointer["mode"]) != (metric, mode):
+                raise RegistryError(
+                    f"the best pointer of {base} ranks by {pointer['metric']} ({pointer['mode']}), not {metric} "
+                    f"({mode}): register with metric={pointer['metric']!r}, mode={pointer['mode']!r}, or re-rank "
+                    "with set_best()"
+                )
+            try:
+                old = self._read_json(f"{home}/{MANIFEST}")
+            except ValueError:
+                old = {}  # damaged: replaced all the same
+            if old is not None and not overwrite:
+                raise RegistryError(
+                    f"adapter {name!r} already exists in {self.location}: choose another name or pass overwrite=True"
+                )
+            revision = self._reserved.pop(name, None) or fresh_name("r-")
+            manifest = {**manifest, "name": name, "created": manifest.get("created") or _now(), "revision": revision}
+            self._write_tree(self._inside(*_files(name, revision)), source, manifest)
+            self._write_json(f"{home}/{MANIFEST}", manifest)  # the switch: readers now find this revision
+            replaced = old.get("revision") if isinstance(old, dict) else None
+            self._clean(name, keep=revision, replaced=replaced)
+            self._settle_pointer(base, metric, mode)
+        return Entry(name, self._uri(*_files(name, revision)), manifest)
 
     def set_best(self, name: str, metric: str = "val_loss", mode: Literal["min", "max"] = "min") -> Entry:
-        """Point the ``best`` pointer of ``name``'s base model at it, whatever the others score."""
+        """Point the ``best`` pointer of ``name``'s base model at it, whatever the others score.
+
+        It holds until the next registration for that base model re-ranks the pointer.
+        """
         _check_mode(mode)
-        entry = self.get(name)
-        if metric_of(entry.manifest, metric) is None:
-            raise RegistryError(f"adapter {name!r} has no numeric metric {metric!r}; it has: {_metric_names(entry)}")
-        self._write_pointer(entry, metric, mode)
+        validate_name(name)
+        with self._writing():
+            entry = self.get(name)
+            if metric_of(entry.manifest, metric) is None:
+                raise RegistryError(
+                    f"adapter {name!r} has no numeric metric {metric!r}; it has: {_metric_names(entry)}"
+                )
+            self._write_pointer(entry, metric, mode)
         return entry
 
     def local_dir(self, name: str, cache_dir: str | Path) -> str:
@@ -238,14 +317,187 @@ class Registry:
         entry = self.get(name)
         if not self.is_uri:
             return entry.uri
-        cache = Path(cache_dir)
-        target = cache / name
-        if (target / MANIFEST).is_file() and json.loads((target / MANIFEST).read_text()) == entry.manifest:
-            return str(target)
-        cache.mkdir(parents=True, exist_ok=True)
-        staging = cache / f".download-{name}-{uuid.uuid4().hex[:8]}"
+        target = Path(cache_dir) / name
+        try:
+            if json.loads((target / MANIFEST).read_text()) == entry.manifest:
+                return str(target)
+        except (OSError, ValueError):
+            pass  # no copy yet, or an unreadable one: fetch it
+        try:
+            return self._download(entry, target)
+        except OSError as err:
+            latest = self.get(name)  # overwritten while it was fetched? its old revision went: fetch the new one
+            if latest.manifest == entry.manifest:
+                raise self._fetch_failed(name, target, err) from None
+        try:
+            return self._download(latest, target)
+        except OSError as err:
+            raise self._fetch_failed(name, target, err) from None
+
+    def write_file(self, name: str, filename: str, text: str) -> str:
+        """Write ``filename`` (a plain name, e.g. eval.json) beside adapter ``name``'s files; returns its location."""
+        if "/" in filename or filename.startswith(".") or filename == MANIFEST:
+            raise RegistryError(f"cannot write {filename!r} beside an adapter: use a plain file name, not the manifest")
+        validate_name(name)
+        with self._writing():
+            entry = self.get(name)  # the adapter must exist
+            directory = self._inside(*_files(name, entry.manifest.get("revision")))
+            write_bytes_atomic(self.fs, f"{directory}/{filename}", text.encode(), sole_writer=self._local)
+        return f"{entry.uri}/{filename}"
+
+    # Internals
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _uri(self, *parts: str) -> str:
+        return "/".join([self.location.rstrip("/"), *parts]) if self.is_uri else self._path(*parts)
+
+    def _inside(self, kind: str, name: str, *rest: str) -> str:
+        """The path of ``<kind>/<name>/...`` (a validated name) under the root."""
+        path = self._path(kind, name, *rest)
+        if self._local:
+            # Defence in depth: a symlink planted in the registry must not lead outside it.
+            root = Path(self.root).resolve()
+            if not Path(path).resolve().is_relative_to(root):
+                log.warning("registry %s: %s/%s resolves outside the registry root %s", self.location, kind, name, root)
+                raise RegistryError(f"adapter {name!r} resolves outside the registry root; remove that link")
+        return path
+
+    def _pointer_path(self, base_model: str) -> str:
+        return self._path("best", f"{base_key(base_model)}.json")
+
+    def _read_json(self, path: str) -> Any:
+        """The parsed JSON at ``path``; None when there is no file; ValueError when it does not parse."""
+        if self.fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+
+    def _load(self, name: str) -> Entry | None:
+        """Adapter ``name``: None when it has no manifest; :class:`RegistryError` (logged) when it is damaged."""
+        home = self._inside("adapters", validate_name(name))
+        try:
+            manifest = self._read_json(f"{home}/{MANIFEST}")
+        except ValueError as err:
+            problem = f"its manifest is not valid JSON ({err})"
+        else:
+            if manifest is None:
+                return None
+            problem = _manifest_problem(manifest)
+            if problem is None:
+                config = f"{self._inside(*_files(name, manifest.get('revision')))}/adapter_config.json"
+                if self.fs.get_file_info(config).type != pyarrow.fs.FileType.File:
+                    problem = "its adapter files are missing"
+        if problem is not None:
+            log.warning("registry %s: adapter %r (%s) is damaged: %s", self.location, name, home, problem)
+            raise RegistryError(
+                f"adapter {name!r} is damaged: {problem}; register it again with overwrite, or remove it"
+            )
+        return Entry(name, self._uri(*_files(name, manifest.get("revision"))), manifest)
+
+    def _read_pointer(self, path: str) -> dict[str, Any] | None:
+        """The pointer at ``path``; None when there is none, or when it is unreadable (logged)."""
+        try:
+            pointer = self._read_json(path)
+        except ValueError as err:
+            pointer, problem = None, f"not valid JSON ({err})"
+        else:
+            problem = None if pointer is None or _valid_pointer(pointer) else "not a best pointer"
+        if problem is not None:
+            log.warning("registry %s: the best pointer %s is unreadable: %s", self.location, path, problem)
+            return None
+        return pointer
+
+    def _write_json(self, path: str, data: dict[str, Any]) -> None:
+        write_bytes_atomic(self.fs, path, json.dumps(data, indent=2).encode() + b"\n", sole_writer=self._local)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the registry's write lock: on a local filesystem one writer at a time; object stores have none."""
+        if not self._local:
+            yield
+            return
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.root) / LOCK, "a") as lock:  # the lock goes with the file's closing
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _write_tree(self, destination: str, source: Path, manifest: dict[str, Any]) -> None:
+        """Copy the adapter files and a copy of the manifest into a revision directory no manifest names yet."""
+        files = [(p.relative_to(source).as_posix(), p) for p in sorted(source.rglob("*")) if p.is_file()]
+        for relative, file in files:
+            if relative == MANIFEST:
+                continue  # ours replaces any manifest the source carried
+            path = f"{destination}/{relative}"
+            self.fs.create_dir(posixpath.dirname(path), recursive=True)
+            with file.open("rb") as src, self.fs.open_output_stream(path) as out:
+                shutil.copyfileobj(src, out, length=8 << 20)
+        with self.fs.open_output_stream(f"{destination}/{MANIFEST}") as out:
+            out.write(json.dumps(manifest, indent=2).encode() + b"\n")
+
+    def _clean(self, name: str, keep: str, replaced: str | None) -> None:
+        """Delete what adapter ``name``'s manifest no longer names: the revision it replaced (or the files of a
+        manifest without revisions) and what killed writers left. Under the lock all of it goes; on an object
+        store a young revision or staging file may be another writer's, in progress, so only stale ones go."""
+        for kind in ("adapters", "revisions"):
+            directory = self._inside(kind, name)
+            for info in self.fs.get_file_info(pyarrow.fs.FileSelector(directory, allow_not_found=True)):
+                item = info.base_name
+                if item in (MANIFEST, keep):
+                    continue
+                if self._local or item == replaced or age_of(item) is None or is_stale(item):
+                    if info.type == pyarrow.fs.FileType.Directory:
+                        self.fs.delete_dir(info.path)
+                    else:
+                        self.fs.delete_file(info.path)
+
+    def _write_pointer(self, entry: Entry, metric: str, mode: str) -> None:
+        pointer = {**_pointer_to(entry, metric, mode), "updated": _now()}
+        self._write_json(self._pointer_path(entry.manifest["base_model"]), pointer)
+
+    def _settle_pointer(self, base_model: str, metric: str, mode: str) -> None:
+        """Point ``base_model``'s pointer at its best adapter, ranked from every manifest.
+
+        Under the lock once is enough. On an object store a concurrent writer may have ranked before this
+        adapter's manifest existed and write after: write, then read back and re-rank until they agree.
+        """
+        path = self._pointer_path(base_model)
+        for _ in range(1 if self._local else SETTLE_ROUNDS):
+            pointer = self._read_pointer(path)
+            pick = self._rank(base_model, metric, mode, incumbent=pointer["name"] if pointer else None)
+            if pick is None or pointer == {**(pointer or {}), **_pointer_to(pick, metric, mode)}:
+                remove_leftovers(self.fs, path, sole_writer=self._local)  # what a killed writer left, if any
+                return
+            self._write_pointer(pick, metric, mode)
+        if not self._local:
+            log.warning("registry %s: the best pointer of %s kept changing; left to the other writers", self.location,
+                        base_model)  # fmt: skip
+
+    def _rank(self, base_model: str, metric: str, mode: str, incumbent: str | None = None) -> Entry | None:
+        """The adapter of ``base_model`` with the best ``metric``; a tie keeps ``incumbent``, else the first name."""
+        key = base_key(base_model)
+        scored = [
+            (value, e)
+            for e in self.list()
+            if base_key(e.manifest["base_model"]) == key and (value := metric_of(e.manifest, metric)) is not None
+        ]
+        if not scored:
+            return None
+        top = (min if mode == "min" else max)(value for value, _ in scored)
+        tied = [e for value, e in scored if value == top]
+        return next((e for e in tied if e.name == incumbent), tied[0])
+
+    def _fetch_failed(self, name: str, target: Path, err: OSError) -> RegistryError:
+        log.warning("registry %s: fetching adapter %r into %s failed: %s", self.location, name, target, err)
+        return RegistryError(f"adapter {name!r} could not be fetched from the registry ({type(err).__name__})")
+
+    def _download(self, entry: Entry, target: Path) -> str:
+        """Copy ``entry``'s files to ``target`` through a staging directory beside it."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".download-{entry.name}-{uuid.uuid4().hex[:8]}"
         pyarrow.fs.copy_files(
-            self._adapter_path(name),
+            self._inside(*_files(entry.name, entry.manifest.get("revision"))),
             str(staging),
             source_filesystem=self.fs,
             destination_filesystem=pyarrow.fs.LocalFileSystem(),
@@ -255,107 +507,35 @@ class Registry:
         staging.rename(target)
         return str(target)
 
-    def write_file(self, name: str, filename: str, text: str) -> str:
-        """Write ``filename`` (a plain name, e.g. eval.json) beside adapter ``name``; returns its location."""
-        self.get(name)  # the adapter must exist
-        if "/" in filename or filename.startswith(".") or filename == MANIFEST:
-            raise RegistryError(f"cannot write {filename!r} beside an adapter: use a plain file name, not the manifest")
-        path = f"{self._adapter_path(name)}/{filename}"
-        staging = f"{self._adapter_path(name)}/.{filename}.{uuid.uuid4().hex[:8]}"
-        with self.fs.open_output_stream(staging) as out:
-            out.write(text.encode())
-        self.fs.move(staging, path)
-        return path if not self.is_uri else f"{self._uri(name)}/{filename}"
 
-    # Internals
+def _files(name: str, revision: str | None) -> tuple[str, ...]:
+    """Where adapter ``name``'s files are, under the root: its revision, or beside a manifest without one."""
+    return ("revisions", name, revision) if revision else ("adapters", name)
 
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
 
-    def _uri(self, name: str) -> str:
-        if self.is_uri:
-            return f"{self.location.rstrip('/')}/adapters/{name}"
-        return self._path("adapters", name)
+def _manifest_problem(manifest: Any) -> str | None:
+    if not isinstance(manifest, dict):
+        return "its manifest is not a JSON object"
+    if not isinstance(manifest.get("base_model"), str) or not manifest["base_model"]:
+        return "its manifest has no base_model"
+    revision = manifest.get("revision")
+    if revision is not None and not (isinstance(revision, str) and _REVISION.fullmatch(revision)):
+        return "its manifest names no valid revision"
+    return None
 
-    def _adapter_path(self, name: str) -> str:
-        path = self._path("adapters", validate_name(name))
-        if isinstance(self.fs, pyarrow.fs.LocalFileSystem):
-            # Defence in depth: a symlink planted under adapters/ must not lead outside the registry.
-            root = Path(self.root).resolve()
-            if not Path(path).resolve().is_relative_to(root):
-                raise RegistryError(f"adapter {name!r} resolves outside the registry root {root}; remove that link")
-        return path
 
-    def _pointer_path(self, base_model: str) -> str:
-        return self._path("best", f"{base_key(base_model)}.json")
+def _valid_pointer(pointer: Any) -> bool:
+    return (
+        isinstance(pointer, dict)
+        and all(isinstance(pointer.get(key), str) for key in ("name", "metric", "base_model"))
+        and pointer.get("mode") in ("min", "max")
+    )
 
-    def _read_json(self, path: str) -> dict[str, Any] | None:
-        if self.fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-            return None
-        with self.fs.open_input_stream(path) as stream:
-            try:
-                return json.loads(stream.read())
-            except json.JSONDecodeError as err:
-                raise RegistryError(
-                    f"{path} in registry {self.location} is not valid JSON ({err}); fix or remove it"
-                ) from None
 
-    def _write_json(self, path: str, data: dict[str, Any]) -> None:
-        # Written beside, then moved: readers never see a half-written pointer or manifest.
-        write_bytes_atomic(self.fs, path, json.dumps(data, indent=2).encode() + b"\n")
-
-    def _write_adapter(self, name: str, source: Path, manifest: dict[str, Any]) -> None:
-        target = self._adapter_path(name)
-        if not self._renames:
-            if self.fs.get_file_info(target).type != pyarrow.fs.FileType.NotFound:
-                if self.fs.get_file_info(f"{target}/{MANIFEST}").type == pyarrow.fs.FileType.File:
-                    self.fs.delete_file(f"{target}/{MANIFEST}")  # unlisted first, then replaced
-                self.fs.delete_dir(target)
-            self._write_tree(target, source, manifest)
-            return
-        staging = self._path("adapters", f".staging-{name}-{uuid.uuid4().hex[:8]}")
-        self._write_tree(staging, source, manifest)
-        replaced = None
-        if self.fs.get_file_info(target).type != pyarrow.fs.FileType.NotFound:
-            replaced = self._path("adapters", f".replaced-{name}-{uuid.uuid4().hex[:8]}")
-            self.fs.move(target, replaced)
-        self.fs.move(staging, target)
-        if replaced is not None:
-            self.fs.delete_dir(replaced)
-
-    def _write_tree(self, destination: str, source: Path, manifest: dict[str, Any]) -> None:
-        """Copy the adapter files, then the manifest: the manifest's presence means "complete"."""
-        for file in sorted(p for p in source.rglob("*") if p.is_file()):
-            relative = file.relative_to(source).as_posix()
-            if relative == MANIFEST:
-                continue  # ours replaces any manifest the source carried
-            path = f"{destination}/{relative}"
-            self.fs.create_dir(posixpath.dirname(path), recursive=True)
-            with file.open("rb") as src, self.fs.open_output_stream(path) as out:
-                shutil.copyfileobj(src, out, length=8 << 20)
-        self._write_json(f"{destination}/{MANIFEST}", manifest)
-
-    def _write_pointer(self, entry: Entry, metric: str, mode: str) -> None:
-        base = entry.manifest["base_model"]
-        pointer = {
-            "name": entry.name,
-            "metric": metric,
-            "value": metric_of(entry.manifest, metric),
-            "mode": mode,
-            "updated": _now(),
-            "base_model": base,
-        }
-        self._write_json(self._pointer_path(base), pointer)
-
-    def _rerank(self, base_model: str, metric: str, mode: str) -> None:
-        scored = [
-            (value, e)
-            for e in self.list()
-            if e.manifest.get("base_model") == base_model and (value := metric_of(e.manifest, metric)) is not None
-        ]
-        if scored:
-            pick = min if mode == "min" else max
-            self._write_pointer(pick(scored, key=lambda pair: pair[0])[1], metric, mode)
+def _pointer_to(entry: Entry, metric: str, mode: str) -> dict[str, Any]:
+    """A best pointer's fields, but for the time it was written."""
+    base, value = entry.manifest["base_model"], metric_of(entry.manifest, metric)
+    return {"name": entry.name, "metric": metric, "value": value, "mode": mode, "base_model": base}
 
 
 def _check_mode(mode: str) -> None:

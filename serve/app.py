@@ -15,10 +15,8 @@ that have it loaded.
 """
 
 import asyncio
-import hmac
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -28,24 +26,29 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qlora_ray import console
 from qlora_ray.config import Config, ConfigError, from_dict, load_config, pin_local_paths
-from qlora_ray.registry import Registry, RegistryError, base_key
+from qlora_ray.registry import Registry, RegistryError, base_key, validate_name
+from serve import auth
 from serve.generator import Generator
 from serve.grounding import MODEL
 from serve.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    chat_messages,
     chat_object,
+    check_limits,
     completion_object,
     error_from_validation,
+    lone_surrogate_at,
     new_id,
+    refuse_unsupported,
     sse,
     usage,
 )
@@ -54,13 +57,15 @@ log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs, wit
 # No ``from __future__ import annotations`` here: Serve's ingress rebuilds the route signatures, and FastAPI must
 # see real classes (Request, the request bodies), not strings, to tell a body from a query parameter.
 
-KEYS_VARIABLE = "QLORA_RAY_API_KEYS"
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}  # what /static/ serves, and nothing else
 RETRY_AFTER_S = 1
 ANSWER_SOURCE_HEADER = "x-answer-source"  # stored | model | declined
 
-api = FastAPI(title="qlora-ray", description="OpenAI-compatible completions from fine-tuned LoRA adapters.")
+PARSE_ON_THREAD_BYTES = 64 * 1024  # a body this large is parsed off the ingress's event loop
+
+# No generated docs: /docs, /redoc and /openapi.json would describe the API to anyone, key or not.
+api = FastAPI(title="qlora-ray", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(ApiError)
@@ -94,19 +99,6 @@ async def _invalid(_request: Request, err: RequestValidationError) -> JSONRespon
     return JSONResponse(failure.body(), status_code=failure.status)
 
 
-def api_keys(cfg: Config) -> set[str]:
-    """Accepted API keys: the lines of ``serve.api_keys_file`` and the comma-separated ``QLORA_RAY_API_KEYS``."""
-    keys = {k.strip() for k in os.environ.get(KEYS_VARIABLE, "").split(",") if k.strip()}
-    if cfg.serve.api_keys_file:
-        path = Path(cfg.serve.api_keys_file)
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as err:
-            raise ApiError(500, f"serve.api_keys_file {path} cannot be read: {err.strerror}") from None
-        keys |= {line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")}
-    return keys
-
-
 async def _first(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
     try:
         return await chunks.__anext__()
@@ -121,20 +113,96 @@ def _epoch(created: str | None) -> int:
         return 0
 
 
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, at most ``limit`` bytes (else 413) and within ``timeout_s`` (else 408)."""
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"the request body is over {limit} bytes (serve.max_body_bytes); send less",
+                         code="request_too_large")  # fmt: skip
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    parts, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise too_large
+                parts.append(part)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s (serve.body_timeout_s)",
+                       code="request_timeout") from None  # fmt: skip
+    return b"".join(parts)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+        raise ApiError(400, "the request body is not valid JSON") from None
+
+
+async def _rest(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """A choice's whole text and its last chunk (which carries the counts and the finish reason)."""
+    text, last = first["text"], first
+    async for last in chunks:
+        text += last["text"]
+    return text, last
+
+
+def _usage(rid: str, name: str, lasts: list[dict[str, Any]]) -> dict[str, int]:
+    """The usage of a request's choices (the prompt counted once, as OpenAI does), logged without the text."""
+    prompt, completion = lasts[0]["prompt_tokens"], sum(last["completion_tokens"] for last in lasts)
+    log.info("%s %s: %d prompt + %d completion tokens", rid, name, prompt, completion)
+    return usage(prompt, completion)
+
+
+async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """``(choice, chunk)`` from every stream as each arrives; the first error ends them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((i, chunk))
+        except Exception as err:  # handed to the reader, which raises it
+            await queue.put((i, err))
+        await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 # Serve serializes the class when this decorator runs: everything it uses must be defined above it.
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Api:
-    """HTTP ingress: validation, auth, adapter resolution, streaming; the generator does the work."""
+    """HTTP ingress: auth, validation, limits, adapter resolution, streaming; the generator does the work.
 
-    def __init__(self, generator: DeploymentHandle, config: dict[str, Any]):
+    Routes read their own bodies, after the key check: a request without a valid key is answered 401 before
+    a byte of its body is read, however large.
+    """
+
+    def __init__(self, generator: DeploymentHandle, config: dict[str, Any], key_hashes: list[str]):
         console.setup_replica()
         self.cfg = from_dict(config, source="serve app")
         self.generator = generator
         self.registry = Registry(self.cfg.run.registry)
-        self.keys = api_keys(self.cfg)
+        self.key_hashes = list(key_hashes)
         self.base = self.cfg.model.name_or_path
-        log.info("API ready: auth %s, registry %s", "on" if self.keys else "off", self.registry.location)
+        auth_state = f"on ({len(self.key_hashes)} keys)" if self.key_hashes else "off"
+        log.info("API ready: auth %s, registry %s", auth_state, self.registry.location)
 
     @api.get("/")
     async def page(self) -> FileResponse:
@@ -148,49 +216,74 @@ class Api:
         return FileResponse(STATIC / name, media_type=PAGE_FILES[name])
 
     @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        """200 once a generator replica has its model loaded, else 503."""
+    async def healthz(self, request: Request) -> JSONResponse:
+        """200 once a generator replica has its model loaded, else 503; the replica's state only with a key."""
         try:
             state = await asyncio.wait_for(self.generator.ready.remote(), timeout=5)
-        except Exception as err:  # any failure means "not ready"
-            return JSONResponse({"status": "starting", "detail": type(err).__name__}, status_code=503)
-        return JSONResponse({"status": "ok", **state})
+        except Exception:  # any failure means "not ready"
+            return JSONResponse({"status": "starting"}, status_code=503)
+        detailed = not self.key_hashes or auth.accepts(self.key_hashes, request.headers.get("authorization", ""))
+        return JSONResponse({"status": "ok", **state} if detailed else {"status": "ok"})
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         default = self._default_adapter(required=False)
-        data = [
-            {
-                "id": entry.name, "object": "model", "created": _epoch(entry.manifest.get("created")),
-                "owned_by": "qlora-ray", "root": self.base, "default": entry.name == default,
-                "metrics": entry.manifest.get("metrics", {}),
-            }
-            for entry in self._servable()
-        ]  # fmt: skip
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [self._model(entry, default) for entry in self._servable()]}
+
+    @api.get("/v1/models/{model_id}")
+    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return self._model(self._entry(model_id), self._default_adapter(required=False))
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+    async def completions(self, request: Request) -> Any:
         self._authorize(request)
+        body = await self._body(request, CompletionRequest)
+        check_limits({"prompt": body.prompt}, body.stop, body.n or 1, self.cfg.serve)
         return await self._respond(body, {"prompt": body.prompt}, completion_object, "cmpl")
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest, request: Request) -> Any:
+    async def chat(self, request: Request) -> Any:
         self._authorize(request)
-        messages = [m.model_dump() for m in body.messages]
+        body = await self._body(request, ChatRequest)
+        messages = chat_messages(body.messages)
+        texts = {f"messages.{i}.content": m["content"] for i, m in enumerate(messages)}
+        check_limits(texts, body.stop, body.n or 1, self.cfg.serve, messages=len(messages))
         return await self._respond(body, {"messages": messages}, chat_object, "chatcmpl")
 
     # Request handling
 
+    async def _body(self, request: Request, kind: type[BaseModel]) -> Any:
+        """The request body as ``kind``: size and time limits, JSON, Unicode, refused fields, then the fields."""
+        s = self.cfg.serve
+        raw = await read_body(request, s.max_body_bytes, s.body_timeout_s)
+        large = len(raw) > PARSE_ON_THREAD_BYTES
+        data = await asyncio.to_thread(_parse_json, raw) if large else _parse_json(raw)
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        where = await asyncio.to_thread(lone_surrogate_at, data) if large else lone_surrogate_at(data)
+        if where:
+            raise ApiError(400, f"{where} holds a lone UTF-16 surrogate, which is not text; send valid Unicode",
+                           param=where)  # fmt: skip
+        refuse_unsupported(data)
+        try:
+            return kind.model_validate(data)
+        except ValidationError as err:
+            raise error_from_validation(list(err.errors())) from None
+
     async def _respond(self, body: Any, prompt: dict[str, Any], shape: Any, prefix: str) -> Any:
         name = self._adapter(body.model)
-        job = {**prompt, "sampling": self._sampling(body)}
         rid = new_id(prefix)
         deadline = time.monotonic() + self.cfg.serve.request_timeout_s
-        chunks = self._chunks(name, job, deadline)
-        first = await _first(chunks)  # errors before the first token become HTTP errors
-        source = first.get("source", MODEL)  # which path answers (serve.grounding): a header and a body field
+        streams = [self._chunks(name, {**prompt, "sampling": self._sampling(body, i)}, deadline)
+                   for i in range(body.n or 1)]  # fmt: skip
+        firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
+        failed = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failed is not None:  # errors before the first token become HTTP errors
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+            raise failed
+        source = firsts[0].get("source", MODEL)  # which path answers (serve.grounding): a header and a body field
         headers = {ANSWER_SOURCE_HEADER: source}
 
         def sourced(*args: Any) -> dict[str, Any]:
@@ -198,42 +291,42 @@ class Api:
 
         if body.stream:
             with_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._events(rid, name, first, chunks, sourced, with_usage)
+            events = self._events(rid, name, firsts, streams, sourced, with_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        text, last = first["text"], first
-        async for chunk in chunks:
-            text, last = text + chunk["text"], chunk
-        log.info("%s %s: %d prompt + %d completion tokens", rid, name, last["prompt_tokens"], last["completion_tokens"])
-        counts = usage(last["prompt_tokens"], last["completion_tokens"])
-        return JSONResponse(sourced(rid, name, text, last["finish_reason"], False, counts), headers=headers)
+        wholes = await asyncio.gather(*(_rest(f, s) for f, s in zip(firsts, streams, strict=True)))
+        counts = _usage(rid, name, [last for _, last in wholes])
+        choices = [(i, text, last["finish_reason"]) for i, (text, last) in enumerate(wholes)]
+        return JSONResponse(sourced(rid, name, choices, False, counts), headers=headers)
 
     async def _events(
         self,
         rid: str,
         name: str,
-        first: dict[str, Any],
-        chunks: AsyncIterator[dict[str, Any]],
+        firsts: list[dict[str, Any]],
+        streams: list[AsyncIterator[dict[str, Any]]],
         shape: Any,
         with_usage: bool,
     ) -> AsyncIterator[str]:
-        """Server-sent events: one chunk object per delta (and the usage if asked), then ``data: [DONE]``.
+        """Server-sent events: one chunk object per delta of a choice (and the usage if asked), then ``[DONE]``.
 
         An error after the first chunk (the status line is sent by then) ends the stream with an error event.
         """
-        last = first
+        lasts = list(firsts)
+        merged = _merge(streams)
         try:
-            yield sse(shape(rid, name, first["text"], first["finish_reason"], True))
-            async for last in chunks:
-                if last["text"] or last["finish_reason"]:  # a step may add no text yet (a held-back partial word)
-                    yield sse(shape(rid, name, last["text"], last["finish_reason"], True))
-            log.info(
-                "%s %s: %d prompt + %d completion tokens", rid, name, last["prompt_tokens"], last["completion_tokens"]
-            )
+            for i, first in enumerate(firsts):
+                yield sse(shape(rid, name, [(i, first["text"], first["finish_reason"])], True))
+            async for i, chunk in merged:
+                lasts[i] = chunk
+                if chunk["text"] or chunk["finish_reason"]:  # a step may add no text yet (a held-back partial word)
+                    yield sse(shape(rid, name, [(i, chunk["text"], chunk["finish_reason"])], True))
+            counts = _usage(rid, name, lasts)
             if with_usage:
-                final = shape(rid, name, "", None, True)
-                yield sse({**final, "choices": [], "usage": usage(last["prompt_tokens"], last["completion_tokens"])})
+                yield sse({**shape(rid, name, [], True), "usage": counts})
         except ApiError as err:
             yield sse(err.body())
+        finally:
+            await merged.aclose()
         yield sse("[DONE]")
 
     async def _chunks(self, name: str, job: dict[str, Any], deadline: float) -> AsyncIterator[dict[str, Any]]:
@@ -244,7 +337,7 @@ class Api:
         for attempt in (1, 2):
             handle = self.generator.options(stream=True, multiplexed_model_id=name)
             stream = handle.generate.remote(job)
-            sent = 0
+            sent, live = 0, True  # live: the replica may still be generating for this stream
             try:
                 while True:
                     left = deadline - time.monotonic()
@@ -252,44 +345,64 @@ class Api:
                     sent += 1
                     yield chunk
             except StopAsyncIteration:
+                live = False
                 return
             except TimeoutError:
-                stream.cancel()
                 raise ApiError(504, f"the request took longer than {self.cfg.serve.request_timeout_s:g} s "
                                "(serve.request_timeout_s); ask for fewer tokens or retry later") from None  # fmt: skip
             except BackPressureError:
+                live = False
                 raise ApiError(503, "the server is at capacity; retry after a moment") from None
             except (ActorDiedError, ActorUnavailableError) as err:
+                live = False
                 if sent or attempt == 2:
                     raise ApiError(
                         503, f"the replica serving this request stopped ({type(err).__name__}); retry"
                     ) from None
                 log.warning("replica lost before the first token; retrying on another")
+            except ApiError:
+                live = False
+                raise
+            finally:
+                if live:  # left early (timeout, a failed sibling choice, a client gone): stop generating
+                    stream.cancel()
 
-    def _sampling(self, body: Any) -> dict[str, Any]:
+    def _sampling(self, body: Any, choice: int) -> dict[str, Any]:
         limit = self.cfg.serve.max_new_tokens
         asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if asked is not None and asked > limit:
             raise ApiError(400, f"max_tokens is {asked}; this server generates at most {limit} tokens per request "
                            "(serve.max_new_tokens). Ask for fewer.", param="max_tokens")  # fmt: skip
-        return {"max_tokens": asked or min(self.cfg.serve.default_max_tokens, limit), "temperature": body.temperature,
-                "top_p": body.top_p, "stop": tuple(body.stop or ())}  # fmt: skip
+        return {
+            "max_tokens": asked or min(self.cfg.serve.default_max_tokens, limit),
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p,
+            "stop": tuple(body.stop),
+            "seed": None if body.seed is None else body.seed + choice,  # n choices: n different draws
+        }
+
+    def _model(self, entry: Any, default: str | None) -> dict[str, Any]:
+        manifest = entry.manifest
+        return {"id": entry.name, "object": "model", "created": _epoch(manifest.get("created")),
+                "owned_by": "qlora-ray", "root": self.base, "default": entry.name == default,
+                "metrics": manifest.get("metrics", {})}  # fmt: skip
 
     # Adapters
 
     def _adapter(self, requested: str | None) -> str:
         """The adapter a request names (or the default), checked against the registry and the base model."""
-        if requested is None:
-            return self._default_adapter(required=True)
+        return self._default_adapter(required=True) if requested is None else self._entry(requested).name
+
+    def _entry(self, name: str) -> Any:
         try:
-            entry = self.registry.get(requested)
+            entry = self.registry.get(name)
         except RegistryError as err:
             raise ApiError(404, str(err), param="model", code="model_not_found") from None
         trained_on = entry.manifest.get("base_model", "")
         if base_key(trained_on) != base_key(self.base):
-            raise ApiError(404, f"adapter {requested!r} was trained on {trained_on}; this server serves {self.base}",
+            raise ApiError(404, f"adapter {name!r} was trained on another base model than this server's",
                            param="model", code="model_not_found")  # fmt: skip
-        return entry.name
+        return entry
 
     def _default_adapter(self, required: bool) -> str | None:
         if self.cfg.serve.default_adapter:
@@ -297,8 +410,8 @@ class Api:
         best = self.registry.best(self.base)
         if best is None and required:
             raise ApiError(
-                404, f"no adapter is registered for {self.base} in {self.registry.location}: train one, or name "
-                "one in the request's model field", param="model", code="model_not_found",
+                404, "no adapter is registered for this server's base model: train one, or name one in the "
+                "request's model field", param="model", code="model_not_found",
             )  # fmt: skip
         return best.name if best else None
 
@@ -306,13 +419,12 @@ class Api:
         return [e for e in self.registry.list() if base_key(e.manifest.get("base_model", "")) == base_key(self.base)]
 
     def _authorize(self, request: Request) -> None:
-        if not self.keys:
+        if not self.key_hashes:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
+        accepted = auth.accepts(self.key_hashes, request.headers.get("authorization", ""))
+        if accepted is None:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.keys):
+        if not accepted:
             raise ApiError(401, "invalid API key", code="invalid_api_key")
 
 
@@ -336,9 +448,14 @@ def _check_grounded_names(cfg: Config) -> None:
     registry = Registry(cfg.run.registry)
     for name in cfg.serve.grounding.adapters:
         try:
-            found = registry.find(name)
-        except RegistryError as err:
+            validate_name(name)
+        except RegistryError as err:  # a name no adapter can have
             raise ConfigError("of the Serve app", [f"serve.grounding.adapters: {err}"]) from None
+        try:
+            found = registry.find(name)
+        except RegistryError as err:  # damaged: only the requests for it fail
+            logging.getLogger(__name__).warning("serve.grounding.adapters: %s", err)
+            continue
         if found is None:
             logging.getLogger(__name__).warning(
                 "serve.grounding.adapters: %s holds no adapter %r; its answers are grounded once one is registered "
@@ -350,9 +467,7 @@ def bind(cfg: Config) -> Any:
     """Both deployments, sized from ``cfg.serve``, bound into one application."""
     cfg = pin_local_paths(cfg)
     s = cfg.serve
-    if s.api_keys_file and not os.access(s.api_keys_file, os.R_OK):
-        problem = f"serve.api_keys_file: {s.api_keys_file} cannot be read; create it (one key per line) or unset it"
-        raise ConfigError("of the Serve app", [problem])
+    key_hashes = auth.key_hashes(s)  # here, where the keys are: replicas may not see this environment or file
     if s.grounding.enabled:
         from qlora_ray.metrics import similarity_model_dir
 
@@ -380,4 +495,4 @@ def bind(cfg: Config) -> Any:
     room = most * s.max_ongoing_requests + s.max_queued_requests + 16
     ingress = Api.options(max_ongoing_requests=room, max_queued_requests=room)
     config = json.loads(json.dumps(cfg.model_dump()))  # plain data across the process boundary
-    return ingress.bind(generator.bind(config), config)
+    return ingress.bind(generator.bind(config), config, key_hashes)

@@ -3,25 +3,39 @@
 - The replica loads the base once (``qlora_ray.generate.load_inference_model``) and its tokenizer.
 - The request's adapter arrives as Serve's multiplexed model id. ``ray.serve.multiplexed`` loads it from the
   registry on first use and keeps ``serve.max_adapters_per_replica`` of them (least recently used go), and
-  Serve routes later requests for it to a replica that has it.
+  Serve routes later requests for it to a replica that has it. A request marks its adapter in use as soon as
+  it has it, so an eviction unloads the adapter only once no request uses it; a request whose adapter is gone
+  anyway when it would start generating fails (503, retry) rather than be answered by the base model.
 - Continuous batching (``qlora_ray.generate.DecodeBatch``): up to ``serve.max_batch_size`` requests decode together,
   whatever their adapters (PEFT's mixed-adapter batches); a waiting request joins the running batch between
-  two decode steps instead of waiting for it to end, and every request streams its own deltas.
-- Torch runs on one worker thread, so the event loop stays free to accept and queue requests, and adapter
-  loads never race a forward pass.
+  two decode steps instead of waiting for it to end, and every request streams its own deltas. A request that
+  cannot join (its prefill fails) fails alone; a decode step that fails fails the requests in it.
+- The event loop only queues requests and delivers chunks; the work runs on threads: ``prepare`` (chat
+  templates and tokenising, with a tokenizer of its own), ``generate`` (torch: adapter loads and unloads,
+  prefills and decode steps, in order), ``grounding`` (Q&A sets and embeddings), one worker each, and the loop's
+  default pool (registry reads and adapter downloads, which then hold up no request's tokenising).
+- Grounding (``serve.grounding``): a covered adapter's Q&A set is built on its first request, after the adapter
+  is loaded, once per training dataset and split (``serve.grounding.QASets``); a build that failed is
+  answered with the same error for ``serve.grounding.RETRY_BUILD_S`` seconds before it is tried again. A
+  stored answer or a decline honours the request's ``max_tokens`` and ``stop``.
+
+``Generator.generate`` takes ``{"prompt": str}`` or ``{"messages": [{"role", "content"}, ...]}`` (roles
+system, user, assistant) plus ``"sampling"``: the fields of ``qlora_ray.generate.Sampling`` (``max_tokens``,
+``temperature``, ``top_p``, ``stop``, ``seed``). Errors for the client are ``serve.protocol.ApiError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,25 +43,37 @@ from typing import Any
 
 from ray import serve
 
-from data.formats import AUTO, DataError, format_named
+from data.formats import AUTO, format_named
 from data.formats.prompt_completion import PromptCompletion
 from qlora_ray import console
-from qlora_ray.config import ConfigError, from_dict
-from qlora_ray.registry import MANIFEST, Registry, RegistryError, saved_data_config
-from serve.grounding import MODEL, QASet, training_examples
+from qlora_ray.config import from_dict
+from qlora_ray.registry import MANIFEST, Registry, saved_data_config
+from serve.grounding import MODEL, RETRY_BUILD_S, QASet, QASets, dataset_key, fit_answer, training_examples
 from serve.protocol import ApiError
 
 log = logging.getLogger("ray.serve")  # Serve writes it to the replica logs, with request ids
 
 PROMPT_AS_GIVEN = PromptCompletion.name  # the format of an adapter without saved data settings
+Prepared = tuple[dict[str, Any] | None, list[int]]  # a request as an example of the adapter's format, its prompt ids
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptSettings:
     """How an adapter's training data built prompts: chat requests are turned into prompts the same way."""
 
     format: str
     template: str
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A loaded adapter: its prompt settings, where it is, its manifest, and its Q&A set's key (None: not
+    grounded)."""
+
+    prompts: PromptSettings
+    directory: str
+    manifest: dict[str, Any]
+    grounding: Hashable | None = None
 
 
 @dataclass(eq=False)
@@ -92,17 +118,22 @@ class Generator:
         torch.set_num_threads(max(1, round(serve_cfg.cpus_per_replica)))
         self.device = "cuda" if serve_cfg.gpus_per_replica > 0 else "cpu"
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        # Request preparation on a thread of its own: tokenising a long prompt never holds up the event loop,
+        # which delivers the other requests' chunks. One thread, with its own copy of the tokenizer: a fast
+        # tokenizer is not safe to call from two threads at once (the torch thread decodes with the other).
+        self.prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         # Grounding embeds on a thread of its own: building a Q&A set does not pause decoding.
         self.grounding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grounding")
         self.registry = Registry(self.cfg.run.registry)
         self.cache = Path(tempfile.gettempdir()) / f"qlora-ray-adapters-{os.getpid()}"
         self.tokenizer = load_tokenizer(self.cfg.model)
+        self.prompt_tokenizer = copy.deepcopy(self.tokenizer)
         self.adapters = AdapterSet(load_inference_model(self.cfg.model, self.device))
-        self.prompts: dict[str, PromptSettings] = {}
-        self.qa_sets: dict[str, QASet] = {}  # grounded adapters' Q&A sets (serve.grounding)
+        self.loaded: dict[str, AdapterInfo] = {}
+        self.qa_sets = QASets()  # grounded adapters' Q&A sets (serve.grounding), by dataset
         self.embedder: Any = None  # all-MiniLM-L6-v2, loaded with the first Q&A set
         self.in_use: Counter[str] = Counter()
-        self.dropped: set[str] = set()  # evicted while a batch still used them: unloaded when it ends
+        self.dropped: set[str] = set()  # evicted while requests still used them: unloaded when the last ends
 
         async def load(name: str) -> _Loaded:  # a plain function: Serve keeps its LRU as an attribute of it
             return await self._load(name)
@@ -118,57 +149,42 @@ class Generator:
     async def ready(self) -> dict[str, Any]:
         """The replica's state: base model, device, loaded adapters, and the recent decode steps' batch size."""
         steps = list(self.step_seconds)
+        grounded = {name: self.qa_sets.built.get(info.grounding) for name, info in sorted(self.loaded.items())}
         return {
-            "base_model": self.cfg.model.name_or_path, "device": self.device, "adapters": sorted(self.prompts),
-            "grounded": {name: len(qa) for name, qa in sorted(self.qa_sets.items())},
+            "base_model": self.cfg.model.name_or_path, "device": self.device, "adapters": sorted(self.loaded),
+            "grounded": {name: len(qa) for name, qa in grounded.items() if qa is not None},
             "recent_steps": len(steps), "mean_rows_per_step": sum(r for r, _ in steps) / max(len(steps), 1),
             "mean_step_seconds": sum(t for _, t in steps) / max(len(steps), 1),
         }  # fmt: skip
 
+    # Adapters
+
     async def _load(self, name: str) -> _Loaded:
         """Multiplexed loader: fetch the adapter from the registry and put it on the base model."""
         from qlora_ray.generate import AdapterError
+
         self.dropped.discard(name)
         try:
-            directory = self.registry.local_dir(name, self.cache)
-            settings = _prompt_settings(Path(directory))
-            manifest = json.loads((Path(directory) / MANIFEST).read_text())  # local_dir's copy: no second fetch
-        except (RegistryError, ConfigError, OSError) as err:
+            info = await self._on(None, self._fetch, name)
+        except (ValueError, OSError) as err:  # RegistryError, ConfigError, a manifest that is not JSON
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
-        if self.cfg.serve.grounding.covers(name) and name not in self.qa_sets:
-            await self._ground(name, directory, manifest)
         # Loads and unloads run on the torch thread in order, so a queued unload never undoes this load.
         started = time.perf_counter()
         try:
-            if await self._run(self._ensure_loaded, name, directory):
+            if await self._run(self._ensure_loaded, name, info.directory):
                 log.info("adapter %s loaded in %.2f s", name, time.perf_counter() - started)
         except AdapterError as err:
-            self.qa_sets.pop(name, None)
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
-        self.prompts[name] = settings
+        self.loaded[name] = info
         return _Loaded(self, name)
 
-    async def _ground(self, name: str, directory: str, manifest: dict[str, Any]) -> None:
-        """Build adapter ``name``'s Q&A set (``serve.grounding``); a failure is a 500 whose cause goes to the log."""
-        started = time.perf_counter()
-        try:
-            qa = await self._on(self.grounding, self._qa_set, directory, manifest)
-        except (ConfigError, DataError, OSError, RuntimeError) as err:  # GroundingError is a RuntimeError
-            log.error("adapter %s cannot be grounded (serve.grounding): %s", name, err)
-            raise ApiError(500, f"adapter {name!r} cannot be grounded (serve.grounding): its Q&A set could not be "
-                           "built (training data missing or changed on the server); the server log has the details"
-                           ) from None  # fmt: skip
-        if not len(qa):
-            log.warning("adapter %s: its training split has no question to ground on; the model answers all", name)
-        log.info("adapter %s grounded on %d questions in %.2f s", name, len(qa), time.perf_counter() - started)
-        self.qa_sets[name] = qa
-
-    def _qa_set(self, directory: str, manifest: dict[str, Any]) -> QASet:
-        from qlora_ray.metrics import Similarity
-
-        if self.embedder is None:
-            self.embedder = Similarity()
-        return QASet(training_examples(directory, manifest), self.embedder)
+    def _fetch(self, name: str) -> AdapterInfo:
+        """Off the event loop: the adapter's local directory (downloaded from a URI registry), manifest and
+        settings."""
+        directory = Path(self.registry.local_dir(name, self.cache))
+        manifest = json.loads((directory / MANIFEST).read_text())  # local_dir's copy: no second fetch
+        grounding = dataset_key(directory, manifest) if self.cfg.serve.grounding.covers(name) else None
+        return AdapterInfo(_prompt_settings(directory), str(directory), manifest, grounding)
 
     def _ensure_loaded(self, name: str, directory: str) -> bool:
         if name in self.adapters.names:
@@ -177,48 +193,54 @@ class Generator:
         return True
 
     def release(self, name: str) -> None:
-        """Serve's LRU dropped an adapter: unload it now, or when the batches using it end."""
+        """Serve's LRU dropped an adapter: unload it now, or when the requests using it end."""
         self.dropped.add(name)
         self._unload_dropped()
 
     def _unload_dropped(self) -> None:
         for name in [n for n in self.dropped if not self.in_use[n]]:
             self.dropped.discard(name)
-            self.prompts.pop(name, None)
-            self.qa_sets.pop(name, None)
+            self.loaded.pop(name, None)
             self.executor.submit(self.adapters.unload, name)
             log.info("adapter %s unloaded", name)
+        self.qa_sets.keep({info.grounding for info in self.loaded.values()})
+
+    # Requests
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request's completion as ``{"text", "finish_reason", "source", ...}`` dicts.
+        """Stream one request's completion for the adapter Serve names (its multiplexed model id)."""
+        async with contextlib.aclosing(self.stream(serve.get_multiplexed_model_id(), request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def stream(self, name: str, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream adapter ``name``'s completion of ``request`` as ``{"text", "finish_reason", "source", ...}``.
 
         ``source`` says which path answers: the model, or (``serve.grounding``) a stored answer or a decline,
-        which arrive whole in one chunk.
+        which arrive whole in one chunk. A prompt that is empty, cannot be rendered or tokenised, or is too long
+        is a 400 before the request joins any batch.
         """
         from qlora_ray.generate import Sampling
 
-        name = serve.get_multiplexed_model_id()
+        sampling = Sampling(**request["sampling"])
         await self.adapter(name)
-        example = self._example(request, name)
-        prompt = self._prompt_ids(request, example, name)
-        if self.cfg.serve.log_prompts:
-            log.info("prompt for %s: %r", name, self.tokenizer.decode(prompt))
-        qa = self.qa_sets.get(name)
-        if qa is not None and example is not None:
-            verdict = await self._on(self.grounding, qa.decide, example, self.cfg.serve.grounding)
-            log.info("grounding %s: %s (nearest question %.3f)", name, verdict.source, verdict.score)
-            if verdict.answer is not None:
-                tokens = len(self.tokenizer(verdict.answer, add_special_tokens=False)["input_ids"])
-                yield {"text": verdict.answer, "finish_reason": "stop", "completion_tokens": tokens,
-                       "prompt_tokens": len(prompt), "source": verdict.source}  # fmt: skip
-                return
-        job = _Job(prompt, Sampling(**request["sampling"]), name)
-        self.in_use[name] += 1
-        self.waiting.append(job)
-        self.wakeup.set()
-        if self.scheduler is None or self.scheduler.done():
-            self.scheduler = asyncio.create_task(self._schedule())
+        self.in_use[name] += 1  # from here on, an eviction waits for this request to end
+        job: _Job | None = None
         try:
+            info = self.loaded.get(name)
+            if info is None:
+                raise _unloaded(name)
+            example, prompt = await self._on(self.prep, self._prepare, request, info, name)
+            if info.grounding is not None and example is not None:
+                answer = await self._grounded(name, info, example, sampling)
+                if answer is not None:
+                    yield {**answer, "prompt_tokens": len(prompt)}
+                    return
+            job = _Job(prompt, sampling, name)
+            self.waiting.append(job)
+            self.wakeup.set()
+            if self.scheduler is None or self.scheduler.done():
+                self.scheduler = asyncio.create_task(self._schedule())
             while True:
                 chunks = [await job.out.get()]
                 while not job.out.empty():  # a reader that fell behind gets what piled up as one chunk
@@ -233,67 +255,77 @@ class Generator:
                 if last.finish_reason is not None:
                     return
         finally:
-            job.gone = True  # finished, failed, or its caller went away: the scheduler drops the row
+            if job is not None:
+                job.gone = True  # finished, failed, or its caller went away: the scheduler drops the row
             self.in_use[name] -= 1
             self._unload_dropped()
 
-    def _example(self, request: dict[str, Any], name: str) -> dict[str, Any] | None:
-        """The request as an example of the adapter's data format; None for a raw prompt the format cannot take."""
-        from data.templates import example_from_messages
+    def _prepare(self, request: dict[str, Any], info: AdapterInfo, name: str) -> Prepared:
+        """On the prepare thread: the request as an example of the adapter's format, and its prompt's ids."""
+        settings, limit = info.prompts, self.cfg.serve.max_prompt_tokens
+        example, ids = prompt_for(request, settings.format, settings.template, self.prompt_tokenizer, limit)
+        if self.cfg.serve.log_prompts:
+            log.info("prompt for %s: %r", name, self.prompt_tokenizer.decode(ids))
+        return example, ids
 
-        fmt = self.prompts[name].format
-        if request.get("messages") is not None:
-            try:
-                return example_from_messages(request["messages"], fmt)
-            except ValueError as err:
-                raise ApiError(400, str(err), param="messages") from None
-        return format_named(fmt).from_prompt(request["prompt"])
+    async def _grounded(self, name: str, info: AdapterInfo, example: dict[str, Any], sampling: Any) -> dict | None:
+        """The stored answer or decline for ``example`` (cut to the request's settings), or None: the model answers."""
+        try:
+            qa = await self.qa_sets.get(info.grounding, lambda: self._build_qa(info))
+        except Exception:  # the cause is in the log, once per build
+            raise ApiError(500, f"adapter {name!r} cannot be grounded (serve.grounding): its Q&A set could not be "
+                           "built (training data missing or changed on the server, or where the server may not read "
+                           "it); the server log has the details") from None  # fmt: skip
+        verdict = await self._on(self.grounding, qa.decide, example, self.cfg.serve.grounding)
+        log.info("grounding %s: %s (nearest question %.3f)", name, verdict.source, verdict.score)
+        if verdict.answer is None:
+            return None
+        text, reason, tokens = await self._on(
+            self.prep, fit_answer, verdict.answer, sampling.max_tokens, sampling.stop, self.prompt_tokenizer
+        )
+        return {"text": text, "finish_reason": reason, "completion_tokens": tokens, "source": verdict.source}
 
-    def _prompt_ids(self, request: dict[str, Any], example: dict[str, Any] | None, name: str) -> list[int]:
-        """The prompt's token ids, built by the formatter the adapter was trained with; too long is a 400."""
-        from data.templates import build_prompt
-        from data.tokenize import encode_prompt
+    async def _build_qa(self, info: AdapterInfo) -> QASet:
+        """Build the Q&A set of ``info``'s dataset on the grounding thread; a failure's cause goes to the log."""
+        started = time.perf_counter()
+        try:
+            qa = await self._on(self.grounding, self._qa_set, info.directory, info.manifest)
+        except Exception as err:
+            log.error("the Q&A set of %s cannot be built (serve.grounding): %s; its requests get a 500 for %g s, "
+                      "then it is tried again", info.directory, err, RETRY_BUILD_S)  # fmt: skip
+            raise
+        if not len(qa):
+            log.warning("%s: its training split has no question to ground on; the model answers all", info.directory)
+        log.info("Q&A set of %s: %d questions in %.2f s", info.directory, len(qa), time.perf_counter() - started)
+        return qa
 
-        if request.get("messages") is not None:
-            assert example is not None
-            try:
-                text = build_prompt(example, self.prompts[name].template, self.tokenizer)
-            except ValueError as err:
-                raise ApiError(400, str(err), param="messages") from None
-        else:
-            text = request["prompt"]
-        ids = encode_prompt(self.tokenizer, text)
-        limit = self.cfg.serve.max_prompt_tokens
-        if len(ids) > limit:
-            raise ApiError(
-                400, f"the prompt is {len(ids)} tokens; this server accepts at most {limit} (serve.max_prompt_tokens)."
-                " Shorten the prompt.", param="messages" if request.get("messages") is not None else "prompt",
-                code="context_length_exceeded",
-            )  # fmt: skip
-        return ids
+    def _qa_set(self, directory: str, manifest: dict[str, Any]) -> QASet:
+        from qlora_ray.metrics import Similarity
+
+        if self.embedder is None:
+            self.embedder = Similarity()
+        trusted = (self.cfg.run.registry, self.cfg.run.storage_path)
+        return QASet(training_examples(directory, manifest, trusted), self.embedder)
+
+    # Batching
 
     async def _schedule(self) -> None:
         """Continuous batching: waiting requests join the running batch between decode steps."""
-        from qlora_ray.generate import BASE, DecodeBatch
-
         batch, wait = None, self.cfg.serve.batch_wait_timeout_s
         while True:
             if not batch and not self.waiting:
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 await asyncio.sleep(wait)  # let a burst of requests arrive and prefill together
-            if not batch:  # a fresh batch on the model as it is now (the first adapter load wraps the base)
-                batch = DecodeBatch(self.adapters.model, self.tokenizer)
-            joining: list[_Job] = []
+            room = self.cfg.serve.max_batch_size - (len(batch) if batch else 0)
+            joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+            joining = [job for job in joining if not job.gone]
+            if joining:
+                batch, first = await self._run(self._join, batch, joining)
+                self._deliver(first)
+            if not batch:
+                continue
             try:
-                room = self.cfg.serve.max_batch_size - len(batch)
-                joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-                joining = [job for job in joining if not job.gone]
-                if joining:
-                    names = [j.name for j in joining] if self.adapters.peft is not None else None
-                    names = [n if n in self.adapters.names else BASE for n in names] if names else None
-                    args = (joining, [j.prompt for j in joining], [j.sampling for j in joining], names)
-                    self._deliver(await self._run(batch.add, *args))
                 gone = {job for job in batch.keys if job.gone}
                 if gone:
                     await self._run(batch.drop, gone)
@@ -303,10 +335,33 @@ class Generator:
                     self.step_seconds.append((len(batch), time.perf_counter() - started))
             except Exception as err:  # a failed step fails the requests in it, not the replica
                 log.exception("decode step failed")
-                failure = ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details")
-                for job in [*batch.keys, *joining]:
-                    job.out.put_nowait(failure)
+                for job in batch.keys:
+                    job.out.put_nowait(_failed(err))
                 batch = None
+
+    def _join(self, batch: Any, jobs: list[_Job]) -> tuple[Any, dict[_Job, Any]]:
+        """On the torch thread, where adapters load and unload: add ``jobs`` to ``batch`` (a new one on the model
+        as it is now when there is none). Returns the batch and each job's first chunk, or its error: a job whose
+        adapter is not loaded, or an add that fails (which leaves the batch as it was), fails alone."""
+        from qlora_ray.generate import DecodeBatch
+
+        first: dict[_Job, Any] = {job: _unloaded(job.name) for job in jobs if job.name not in self.adapters.names}
+        ready = [job for job in jobs if job not in first]
+        if not batch:  # the first adapter load wraps the base model: a batch is made on the model as it is
+            batch = DecodeBatch(self.adapters.model, self.tokenizer)
+        # Together (one prefill) first; if that fails, one by one, so that only the request at fault fails.
+        for group in [] if not ready else [ready] if len(ready) == 1 else [ready, *([job] for job in ready)]:
+            try:
+                first.update(batch.add(group, [j.prompt for j in group], [j.sampling for j in group],
+                                       [j.name for j in group]))  # fmt: skip
+            except Exception as err:
+                if len(group) == 1:
+                    log.exception("a request could not join the batch")
+                    first[group[0]] = _failed(err)
+                continue
+            if group is ready:
+                break
+        return batch, first
 
     def _deliver(self, chunks: dict[Any, Any]) -> None:
         for job, chunk in chunks.items():
@@ -316,8 +371,63 @@ class Generator:
         """``fn(*args)`` on the torch thread."""
         return await self._on(self.executor, fn, *args)
 
-    async def _on(self, executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+    async def _on(self, executor: ThreadPoolExecutor | None, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on ``executor`` (None: the event loop's default thread pool)."""
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+def _unloaded(name: str) -> ApiError:
+    return ApiError(503, f"adapter {name!r} was unloaded; retry", param="model")
+
+
+def _failed(err: Exception) -> ApiError:
+    return ApiError(500, f"generation failed ({type(err).__name__}); the server log has the details")
+
+
+def prompt_for(request: dict[str, Any], fmt: str, template: str, tokenizer: Any, limit: int) -> Prepared:
+    """A request as an example of an adapter's data format ``fmt`` (None for a raw prompt the format cannot
+    take) and its prompt's token ids, built by the formatter the adapter was trained with.
+
+    Raises ApiError 400 (param ``messages`` or ``prompt``) for: messages the format cannot ask or the chat template
+    cannot render (whatever the template raises), text that is not valid Unicode (a lone surrogate), a prompt
+    with no token, or one over ``limit`` tokens (code ``context_length_exceeded``).
+    """
+    from data.templates import build_prompt, example_from_messages
+    from data.tokenize import encode_prompt
+
+    chat = request.get("messages") is not None
+    param = "messages" if chat else "prompt"
+    if chat:
+        try:
+            example = example_from_messages(request["messages"], fmt)
+            text = build_prompt(example, template, tokenizer)
+        except ValueError as err:
+            raise ApiError(400, str(err), param=param) from None
+        except Exception as err:  # jinja2's TemplateError, or anything else a chat template raises
+            raise ApiError(400, f"the model's chat template cannot render these messages ({type(err).__name__}: "
+                           f"{err})", param=param) from None  # fmt: skip
+    else:
+        example, text = format_named(fmt).from_prompt(request["prompt"]), request["prompt"]
+    try:
+        text.encode("utf-8")
+        ids = encode_prompt(tokenizer, text)
+    except UnicodeEncodeError as err:  # a lone surrogate: Python strings may hold one, UTF-8 text cannot
+        found = f"U+{ord(err.object[err.start]):04X}"
+        raise ApiError(
+            400, f"the {param} {'hold' if chat else 'holds'} a lone surrogate ({found}), which is not valid Unicode "
+            "text; send UTF-8 text (in JSON, escape a character beyond U+FFFF as a pair, e.g. \\ud83d\\ude00)",
+            param=param,
+        ) from None  # fmt: skip
+    special = set(tokenizer.all_special_ids)
+    if all(token in special for token in ids):
+        empty = "the messages make an empty prompt" if chat else "the prompt is empty"
+        raise ApiError(400, f"{empty}: there is no text for the model to continue", param=param)
+    if len(ids) > limit:
+        raise ApiError(
+            400, f"the prompt is {len(ids)} tokens; this server accepts at most {limit} (serve.max_prompt_tokens)."
+            " Shorten the prompt.", param=param, code="context_length_exceeded",
+        )  # fmt: skip
+    return example, ids
 
 
 def _prompt_settings(directory: Path) -> PromptSettings:

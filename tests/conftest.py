@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny word-level tokenizer with known ids, and a tiny phi-2-shaped model."""
+"""Shared fixtures: a tiny word-level tokenizer with known ids, a tiny phi-2-shaped model, an in-memory store."""
 
 from __future__ import annotations
 
@@ -157,3 +157,18 @@ def seed_data() -> Path:
     if not SEED_DATA.is_dir():
         pytest.skip(f"seed data not present at {SEED_DATA}")
     return SEED_DATA
+
+
+@pytest.fixture
+def memory_location():
+    """A fresh ``memory://`` location: fsspec's in-memory store, which like an object store renames no directory
+    and takes no lock. It lives in this process only, and is emptied after the test."""
+    import uuid
+
+    import fsspec
+
+    location = f"memory://test-{uuid.uuid4().hex[:12]}"
+    yield location
+    store = fsspec.filesystem("memory")
+    if store.exists(location):
+        store.rm(location, recursive=True)

@@ -62,7 +62,7 @@ def app(tiny_phi_dir, tmp_path_factory):
         register_adapter(cluster["registry"], "faq-lost", tiny_phi_dir, seed=4, val_loss=4.0, staging=home, data=lost)
         lost.unlink()
         yield deploy(
-            cluster, f"serve.api_keys_file={home / 'keys.txt'}", "serve.default_max_tokens=16",
+            cluster, f"serve.api_keys_file={home / 'keys.txt'}", "serve.default_max_tokens=64",
             "serve.max_adapters_per_replica=2", "serve.grounding.enabled=true",
             "serve.grounding.adapters=[faq-g,faq-lost]",
         )  # fmt: skip
@@ -90,7 +90,7 @@ def test_each_path_answers_and_says_so(app):
     assert generated.json()["choices"][0]["message"]["content"] not in (STORED_ANSWER, DEFAULT_DECLINE_MESSAGE)
     assert generated.json()["usage"]["completion_tokens"] <= 4
 
-    health = requests.get(f"{app}/healthz", timeout=10).json()
+    health = requests.get(f"{app}/healthz", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     assert health["grounded"] == {"faq-g": len(FAQ) - 2}  # the training split: two FAQ rows are held out
 
 
@@ -121,9 +121,10 @@ def test_grounding_is_per_adapter_and_a_missing_q_and_a_set_is_a_clear_error(app
 
 def test_an_evicted_adapter_takes_its_q_and_a_set_along_and_brings_it_back(app):
     def grounded():
-        return requests.get(f"{app}/healthz", timeout=10).json()["grounded"]
+        return requests.get(f"{app}/healthz", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["grounded"]
 
-    assert _chat(app, STORED_QUESTION).headers["x-answer-source"] == "stored"
+    first = _chat(app, STORED_QUESTION)
+    assert first.headers.get("x-answer-source") == "stored", first.text
     assert "faq-g" in grounded()
     for other in ("faq-a", "faq-b"):  # serve.max_adapters_per_replica=2: faq-g is the least recent, and goes
         assert _chat(app, IN_BETWEEN, model=other, max_tokens=2).status_code == 200

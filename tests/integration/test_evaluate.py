@@ -9,6 +9,8 @@ import pytest
 from adapters import register_adapter
 from processes import ENV
 
+from qlora_ray.registry import Registry
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -25,7 +27,8 @@ def test_evaluate_scores_base_and_adapter_per_tag_and_writes_eval_json(tiny_phi_
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
 
-    report = json.loads((registry / "adapters/faq-a/eval.json").read_text())
+    adapter = Path(Registry(str(registry)).get("faq-a").uri)  # the files of its current revision
+    report = json.loads((adapter / "eval.json").read_text())
     groups = report["groups"]
     tags = [g for g in groups if g != "overall"]
     assert len(tags) == 3  # the sample FAQ's three tags, each scored on its own
@@ -38,6 +41,6 @@ def test_evaluate_scores_base_and_adapter_per_tag_and_writes_eval_json(tiny_phi_
     assert groups["overall"]["base"]["holdout_loss"] != groups["overall"]["tuned"]["holdout_loss"]
     assert any(ex["base"] != ex["tuned"] for ex in report["examples"]) and len(report["examples"]) == 5
     assert "overall" in proc.stdout and "token_f1" in proc.stdout and "eval.json" in proc.stdout
-    card = (registry / "adapters/faq-a/README.md").read_text()
+    card = (adapter / "README.md").read_text()
     f1 = groups["overall"]["tuned"]["token_f1"]
     assert "## Evaluation" in card and f"| token F1 | {groups['overall']['base']['token_f1']:.4f} | {f1:.4f} |" in card

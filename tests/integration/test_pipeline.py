@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from adapters import register_adapter
 from processes import ENV, REPO, free_port
+
+from qlora_ray.registry import Registry
 
 pytestmark = pytest.mark.ray
 
@@ -26,12 +29,12 @@ def head(tmp_path):
     env = {**ENV, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     ray = [f"{bin_dir}/ray"]
-    dashboard = free_port()
-    start = [*ray, "start", "--head", "--port", str(free_port()), "--num-cpus", "2", "--include-dashboard", "true",
+    dashboard, gcs = free_port(), free_port()
+    start = [*ray, "start", "--head", "--port", str(gcs), "--num-cpus", "2", "--include-dashboard", "true",
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--disable-usage-stats"]  # fmt: skip
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
-        yield {"env": env, "ray": ray, "address": f"http://127.0.0.1:{dashboard}"}
+        yield {"env": env, "ray": ray, "address": f"http://127.0.0.1:{dashboard}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
         subprocess.run([*ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -71,7 +74,7 @@ def test_pipeline_through_ray_job_submit_resumes_after_a_failed_stage_and_serves
     assert "finished stages kept: train, evaluate" in first and "resume from stage smoke" in first
     state = json.loads((tmp_path / "runs" / f"{NAME}.pipeline.json").read_text())
     assert set(state["finished"]) == {"train", "evaluate"}
-    adapter = registry / "adapters" / NAME
+    adapter = Path(Registry(str(registry)).get(NAME).uri)  # the files of its current revision
     trained = (adapter / "adapter_model.safetensors").stat().st_mtime
 
     # The same command with the limit fixed: train and evaluate are not redone; deploy and smoke run.
@@ -97,3 +100,32 @@ def test_pipeline_through_ray_job_submit_resumes_after_a_failed_stage_and_serves
     assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
     assert f"| token F1 | {overall['base']['token_f1']:.4f} | {overall['tuned']['token_f1']:.4f} |" in card
     assert "Not evaluated yet" not in card and "| tag | train | holdout |" in card and "## Framework versions" in card
+
+
+def test_keys_set_where_the_app_is_deployed_guard_it_on_the_cluster(head, tiny_phi_dir, tmp_path):
+    """The README's way onto a running cluster: ``qlora-ray serve`` with ``RAY_ADDRESS``. The key is in the
+    deploying shell only; the cluster's processes were started without it, and must still demand it."""
+    import requests
+
+    assert "QLORA_RAY_API_KEYS" not in head["env"]  # the cluster's raylet, and so every replica, lacks it
+    registry = tmp_path / "registry"
+    register_adapter(registry, "faq-a", tiny_phi_dir, seed=1, val_loss=1.0, staging=tmp_path / "staging")
+    port = free_port()
+    deploying = {**head["env"], "RAY_ADDRESS": head["gcs"], "QLORA_RAY_API_KEYS": "cluster-secret"}
+    command = [sys.executable, "-m", "serve", "--config", "configs/quickstart.yaml",
+               f"model.name_or_path={tiny_phi_dir}", f"run.registry={registry}", f"serve.port={port}",
+               "serve.cpus_per_replica=1"]  # fmt: skip
+    deployed = subprocess.run(command, cwd=REPO, env=deploying, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr  # deployed, and returned: a cluster
+    assert "cluster-secret" not in deployed.stdout + deployed.stderr
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while requests.get(f"{url}/healthz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the app did not become healthy"
+        time.sleep(1)
+    assert requests.get(f"{url}/v1/models", timeout=10).status_code == 401
+    body = {"prompt": "GALAXY < what is ?", "max_tokens": 2}
+    assert requests.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+    keyed = {"Authorization": "Bearer cluster-secret"}
+    assert requests.get(f"{url}/v1/models", headers=keyed, timeout=10).json()["data"][0]["id"] == "faq-a"
+    assert requests.post(f"{url}/v1/completions", json=body, headers=keyed, timeout=60).status_code == 200

@@ -144,3 +144,81 @@ def test_only_safetensors_lora_adapters_load(tiny_phi_dir, tmp_path):
         check_adapter_dir(directory)
     with pytest.raises(AdapterError, match="not a PEFT adapter directory"):
         check_adapter_dir(tmp_path)
+
+
+def _take(texts, chunks):
+    for key, chunk in chunks.items():
+        texts[key] = texts.get(key, "") + chunk.text
+    return chunks
+
+
+def test_a_failed_add_leaves_the_running_rows_as_they_were(base, tiny_phi_dir, tiny_tokenizer, tmp_path):
+    adapters = AdapterSet(base)
+    adapters.load("a1", make_adapter(tiny_phi_dir, tmp_path / "a1", 1))
+    greedy = Sampling(max_tokens=10, temperature=0)
+    prompts, names = [[5, 6, 7], [8, 9, 10, 11]], ["a1", BASE]
+
+    def run(failing_adds):
+        batch, texts = DecodeBatch(adapters.model, tiny_tokenizer), {}
+        _take(texts, batch.add([0, 1], prompts, [greedy] * 2, names))
+        _take(texts, batch.step())
+        for key, prompt, sampling, adapter in failing_adds:
+            with pytest.raises((ValueError, RuntimeError)):
+                batch.add([key], [prompt], [sampling], [adapter])
+            assert batch.keys == [0, 1] and len(batch) == 2  # nothing of the failed row stayed
+        _take(texts, batch.add([2], [[16, 17, 18, 19, 20, 21]], [greedy], ["a1"]))  # a longer prompt joins
+        while batch:
+            _take(texts, batch.step())
+        return texts
+
+    clean = run([])
+    assert all(clean.values()), "the rows must generate text for this test to mean anything"
+    failing = [
+        (8, [5, 100_000], greedy, "a1"),  # a token id outside the vocabulary
+        (9, [5, 6, 7, 8, 9, 10, 11, 12], greedy, "not-loaded"),  # the prefill fails: PEFT knows no such adapter
+        (10, [], greedy, "a1"),  # an empty prompt
+        (11, [16, 17, 18, 19, 20, 21, 22, 23, 24], Sampling(max_tokens=4, temperature=float("nan")), "a1"),  # sampling
+    ]
+    assert run(failing) == clean
+
+
+def test_a_row_that_ends_on_its_first_token_never_joins_the_batch(base, tiny_tokenizer):
+    batch = DecodeBatch(base, tiny_tokenizer)
+    batch.add([0], [[5, 6, 7]], [Sampling(max_tokens=5, temperature=0)])
+    first = batch.add([1], [[8, 9]], [Sampling(max_tokens=1, temperature=0)])
+    assert first[1].finish_reason == "length" and batch.keys == [0] and batch.mask.shape[0] == 1
+
+
+def test_a_seeded_row_samples_the_same_text_alone_or_in_a_batch(base, tiny_tokenizer):
+    hot = Sampling(max_tokens=24, temperature=1.0, top_p=1.0, seed=7)
+    prompt = [5, 6, 7]
+    alone = [_collect(base, tiny_tokenizer, [prompt], [hot])[0][0] for _ in range(2)]
+    assert alone[0] == alone[1]
+    other_seed = _collect(base, tiny_tokenizer, [prompt], [Sampling(max_tokens=24, temperature=1.0, seed=8)])[0][0]
+    assert other_seed != alone[0], "different seeds must sample differently for this test to mean anything"
+
+    # In a batch: an unseeded sampled row runs first, the seeded row joins after a step, and another joins later.
+    batch, texts = DecodeBatch(base, tiny_tokenizer, torch.Generator().manual_seed(0)), {}
+    _take(texts, batch.add(["other"], [[8, 9, 10, 11]], [Sampling(max_tokens=40, temperature=1.0)]))
+    _take(texts, batch.step())
+    _take(texts, batch.add(["seeded"], [prompt], [hot]))
+    _take(texts, batch.step())
+    _take(texts, batch.add(["late"], [[16, 17, 18, 19, 20]], [Sampling(max_tokens=40, temperature=1.0)]))
+    while batch:
+        _take(texts, batch.step())
+    assert texts["seeded"] == alone[0]
+
+
+def test_rows_without_a_seed_draw_from_the_shared_generator():
+    logits = torch.zeros((2, 50))
+    hot, seeded = Sampling(max_tokens=1), Sampling(max_tokens=1, seed=3)
+    shared = torch.Generator().manual_seed(0)
+    before = shared.get_state()
+    own = torch.Generator().manual_seed(3)
+    drawn = sample(logits, [seeded, seeded], shared, [own, torch.Generator().manual_seed(3)])
+    assert torch.equal(shared.get_state(), before)  # seeded rows leave the shared generator alone
+    assert drawn[0] == drawn[1]  # two rows with the same seed draw the same
+    sample(logits, [hot, seeded], shared, [None, torch.Generator().manual_seed(3)])
+    assert not torch.equal(shared.get_state(), before)  # an unseeded row draws from the shared one
+    first = sample(logits[:1], [hot], torch.Generator().manual_seed(5))
+    assert sample(logits[:1], [hot], torch.Generator().manual_seed(5)) == first

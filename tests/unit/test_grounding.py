@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -9,7 +10,17 @@ from adapters import FAQ, FAQ_HOLDOUT_FRACTION, write_faq
 
 from qlora_ray.config import ConfigError, GroundingConfig, from_dict
 from qlora_ray.registry import ADAPTER_CONFIG, dataset_entry
-from serve.grounding import DECLINED, MODEL, STORED, GroundingError, QASet, training_examples
+from serve.grounding import (
+    DECLINED,
+    MODEL,
+    STORED,
+    GroundingError,
+    QASet,
+    QASets,
+    dataset_key,
+    fit_answer,
+    training_examples,
+)
 
 ON = GroundingConfig(enabled=True)
 
@@ -25,11 +36,11 @@ def _asked(question: str) -> dict:
     return {"format": "prompt_completion", "prompt": question}
 
 
-def _adapter_dir(tmp_path, data_path):
-    directory = tmp_path / "adapter"
+def _adapter_dir(tmp_path, data_path, name="adapter", holdout=FAQ_HOLDOUT_FRACTION):
+    directory = tmp_path / name
     directory.mkdir()
     (directory / ADAPTER_CONFIG).write_text(
-        f"data: {{path: {data_path}, format: prompt_completion, holdout_fraction: {FAQ_HOLDOUT_FRACTION}}}\n"
+        f"data: {{path: {data_path}, format: prompt_completion, holdout_fraction: {holdout}}}\n"
     )
     return directory, {"dataset": dataset_entry(str(data_path), "prompt_completion")}
 
@@ -148,6 +159,7 @@ def test_grounded_adapter_names_are_checked_when_the_app_is_built(tmp_path, capl
     registry = tmp_path / "registry"
     (registry / "adapters" / "faq").mkdir(parents=True)
     (registry / "adapters" / "faq" / "manifest.json").write_text(json.dumps({"base_model": "microsoft/phi-2"}))
+    (registry / "adapters" / "faq" / "adapter_config.json").write_text("{}")  # files beside it: not a damaged one
 
     def app(*names):
         grounding = {"enabled": True, "adapters": list(names)}
@@ -162,3 +174,112 @@ def test_grounded_adapter_names_are_checked_when_the_app_is_built(tmp_path, capl
         "registered under that name. Check the spelling: qlora-ray artifacts list"
     ]
     assert not any("'faq'" in r.getMessage() for r in caplog.records)
+
+
+def test_a_manifest_cannot_point_grounding_at_any_file_outside_the_registry_or_run_storage(tmp_path):
+    registry, runs, elsewhere = tmp_path / "registry", tmp_path / "runs", tmp_path / "elsewhere"
+    for place in (registry, runs, elsewhere):
+        place.mkdir()
+    trusted = (str(registry), str(runs))
+    directory, manifest = _adapter_dir(registry, write_faq(elsewhere / "faq.jsonl"))
+    assert len(training_examples(directory, manifest, trusted)) == len(FAQ) - 2  # fingerprinted: read anywhere
+    unchecked = {"dataset": {"path": str(elsewhere / "faq.jsonl"), "format": "prompt_completion"}}
+    outside = r"elsewhere/faq\.jsonl \(the manifest's dataset\.path\) is outside the registry and the run storage"
+    with pytest.raises(GroundingError, match=rf"{outside} .*records no fingerprint"):
+        training_examples(directory, unchecked, trusted)
+    hub_named = {"dataset": {**unchecked["dataset"], "fingerprint": f"name:{elsewhere / 'faq.jsonl'}"}}
+    with pytest.raises(GroundingError, match=outside):  # a local file is no hub dataset, whatever the manifest says
+        training_examples(directory, hub_named, trusted)
+    (registry / "link.jsonl").symlink_to(elsewhere / "faq.jsonl")  # inside by name, outside in fact
+    with pytest.raises(GroundingError, match="is outside the registry"):
+        training_examples(directory, {"dataset": {"path": str(registry / "link.jsonl")}}, trusted)
+    for inside in (runs / "faq.jsonl", registry / "data" / "faq.jsonl"):  # no fingerprint needed where we keep data
+        inside.parent.mkdir(exist_ok=True)
+        write_faq(inside)
+        assert len(training_examples(directory, {"dataset": {"path": str(inside)}}, trusted)) == len(FAQ) - 2
+    assert training_examples(directory, unchecked, (f"file://{elsewhere}", "s3://bucket/runs"))  # a file:// root
+
+
+def test_stored_answers_are_cut_to_the_requests_max_tokens_and_stop_strings(tiny_tokenizer):
+    answer = "galaxy is a cloud store . hello world"
+    assert fit_answer(answer, 100, (), tiny_tokenizer) == (answer, "stop", 8)
+    assert fit_answer(answer, 3, (), tiny_tokenizer) == ("galaxy is a", "length", 3)
+    assert fit_answer(answer, 100, ("cloud", "hello"), tiny_tokenizer) == ("galaxy is a ", "stop", 3)
+    assert fit_answer(answer, 2, ("cloud",), tiny_tokenizer) == ("galaxy is", "length", 2)  # the stop comes later
+    assert fit_answer(answer, 4, ("cloud",), tiny_tokenizer) == ("galaxy is a ", "stop", 3)
+    assert fit_answer(answer, 8, ("galaxy",), tiny_tokenizer) == ("", "stop", 0)
+    assert fit_answer("galaxy  is", 1, (), tiny_tokenizer) == ("galaxy", "length", 1)  # the answer's own text
+
+
+def test_adapters_trained_on_the_same_data_and_split_share_a_key(tmp_path):
+    data = write_faq(tmp_path / "faq.jsonl")
+    one, manifest = _adapter_dir(tmp_path, data, "one")
+    two, _ = _adapter_dir(tmp_path, data, "two")
+    other_split, _ = _adapter_dir(tmp_path, data, "three", holdout=0.5)
+    assert dataset_key(one, manifest) == dataset_key(two, manifest) != dataset_key(other_split, manifest)
+    # The same bytes elsewhere (one copy may be gone, or outside the trusted locations): a key, and a failure,
+    # of their own.
+    copy = write_faq(tmp_path / "copy.jsonl")
+    assert dataset_key(two, {"dataset": dataset_entry(str(copy), "prompt_completion")}) != dataset_key(one, manifest)
+    (one / ADAPTER_CONFIG).unlink()
+    assert dataset_key(one, manifest) != dataset_key(two, manifest)  # a plain adapter's failure is its own
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_q_and_a_sets_are_built_once_per_key_and_concurrent_requests_wait_for_that_build():
+    builds = []
+
+    def builder(key, delay=0.05):
+        async def build():
+            builds.append(key)
+            await asyncio.sleep(delay)
+            return f"set of {key}"
+
+        return build
+
+    async def main():
+        sets = QASets()
+        results = await asyncio.gather(*(sets.get(k, builder(k)) for k in ("a", "a", "b", "a")))
+        assert results == ["set of a", "set of a", "set of b", "set of a"] and sorted(builds) == ["a", "b"]
+        assert await sets.get("a", builder("a")) == "set of a" and len(builds) == 2  # built: reused
+        # A request that goes away does not cancel the build the others wait for.
+        gone = asyncio.ensure_future(sets.get("c", builder("c", delay=0.2)))
+        staying = asyncio.ensure_future(sets.get("c", builder("c")))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        assert await staying == "set of c" and builds.count("c") == 1
+        sets.keep({"a"})
+        assert set(sets.built) == {"a"}
+
+    asyncio.run(main())
+
+
+def test_a_failed_build_is_answered_with_its_error_until_the_retry_time():
+    clock, calls = _Clock(), []
+
+    async def failing():
+        calls.append(clock.now)
+        await asyncio.sleep(0)
+        raise GroundingError("its training data lost.jsonl is not on this replica")
+
+    async def main():
+        sets = QASets(retry_s=60, clock=clock)
+        answers = await asyncio.gather(*(sets.get("k", failing) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(a, GroundingError) for a in answers) and calls == [0.0]  # one build, three answers
+        clock.now = 59.0
+        with pytest.raises(GroundingError, match=r"lost\.jsonl"):
+            await sets.get("k", failing)
+        assert calls == [0.0]  # remembered: not built again
+        clock.now = 60.0
+        with pytest.raises(GroundingError):
+            await sets.get("k", failing)
+        assert calls == [0.0, 60.0]  # tried again after the retry time
+
+    asyncio.run(main())

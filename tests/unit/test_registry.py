@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import pyarrow.fs
 import pytest
 
 from qlora_ray.config import from_dict
@@ -58,11 +60,44 @@ def test_register_list_and_get(location, tmp_path):
     assert [e.name for e in registry.list()] == ["a-adapter", "b-adapter"]
     assert registry.get("a-adapter") == first and isinstance(first, Entry)
     assert first.manifest["name"] == "a-adapter" and first.manifest["created"].endswith("+00:00")
-    assert first.uri == f"{location}/adapters/a-adapter"
+    assert first.uri == f"{location}/revisions/a-adapter/{first.manifest['revision']}"
     assert second.uri.startswith("file://") == location.startswith("file://")
-    stored = tmp_path / "registry" / "adapters" / "b-adapter"
+    home = tmp_path / "registry" / "adapters" / "b-adapter"
+    stored = tmp_path / "registry" / "revisions" / "b-adapter" / second.manifest["revision"]
+    assert [p.name for p in home.iterdir()] == ["manifest.json"] and stored.parent.name == "b-adapter"
     assert files_of(stored) == files_of(tmp_path / "src-b") | {"manifest.json": (stored / "manifest.json").read_bytes()}
-    assert json.loads((stored / "manifest.json").read_text()) == second.manifest
+    assert json.loads((stored / "manifest.json").read_text()) == json.loads((home / "manifest.json").read_text())
+    assert json.loads((home / "manifest.json").read_text()) == second.manifest
+
+
+def test_location_of_is_where_the_next_registration_puts_the_files(location, tmp_path):
+    registry = Registry(location)
+    promised = registry.location_of("carded")  # export writes it into the model card before registering
+    assert promised == registry.location_of("carded")
+    assert registry.register("carded", fake_adapter(tmp_path, "c"), manifest(1.0)).uri == promised
+    assert registry.location_of("carded") != promised  # the next registration gets a fresh revision
+
+
+def test_a_manifest_without_revision_has_its_files_beside_it(tmp_path):
+    # Registries written before revisions existed: still read, and replaced whole by an overwrite.
+    registry = Registry(str(tmp_path / "registry"))
+    home = write_unrevisioned(tmp_path / "registry", "old-style", fake_adapter(tmp_path, "o"), manifest(1.0))
+    entry = registry.get("old-style")
+    assert entry.uri == str(home) and registry.local_dir("old-style", tmp_path / "cache") == str(home)
+    assert registry.best(PHI2) is None  # no pointer was written for it
+    registry.register("old-style", fake_adapter(tmp_path, "n"), manifest(0.5), overwrite=True)
+    stored = Path(registry.get("old-style").uri)
+    assert [p.name for p in home.iterdir()] == ["manifest.json"]  # the old files are gone
+    assert files_of(stored) == files_of(tmp_path / "src-n") | {"manifest.json": (stored / "manifest.json").read_bytes()}
+    assert registry.best(PHI2).name == "old-style"
+
+
+def write_unrevisioned(root: Path, name: str, source: Path, manifest: dict) -> Path:
+    """An adapter as registries wrote them before revisions: files and manifest side by side."""
+    home = root / "adapters" / name
+    shutil.copytree(source, home)
+    (home / "manifest.json").write_text(json.dumps({**manifest, "name": name, "created": "2024-01-01T00:00:00+00:00"}))
+    return home
 
 
 def test_listing_skips_staging_and_incomplete_directories(tmp_path):
@@ -123,12 +158,13 @@ def test_overwrite_refused_then_allowed(location, tmp_path):
         registry.register("same", fake_adapter(tmp_path, "new"), manifest(0.5))
     assert registry.get("same").manifest["metrics"]["val_loss"] == 1.0
     registry.register("same", tmp_path / "src-new", manifest(0.5), overwrite=True)
-    stored = tmp_path / "registry" / "adapters" / "same"
+    stored = Path(registry.get("same").uri.removeprefix("file://"))
     assert (stored / "adapter_model.safetensors").read_bytes() == (
         tmp_path / "src-new/adapter_model.safetensors"
     ).read_bytes()
     assert registry.best().manifest["metrics"]["val_loss"] == 0.5
     assert [p.name for p in (tmp_path / "registry" / "adapters").iterdir()] == ["same"]
+    assert [p.name for p in stored.parent.iterdir()] == [stored.name]  # the old revision is gone
 
 
 def test_overwriting_the_best_with_a_worse_result_reranks(tmp_path):
@@ -167,14 +203,16 @@ def test_a_symlink_out_of_the_registry_is_refused(tmp_path):
         registry.get("escape")
 
 
-def test_unknown_name_lists_known_names(location, tmp_path):
+def test_an_unknown_name_is_not_registered_and_the_error_names_no_other_adapter_or_path(location, tmp_path):
+    # Serve shows this message to HTTP clients (a 404): it must not tell them what else is there, or where.
     registry = Registry(location)
-    with pytest.raises(RegistryError, match=r"is empty.*qlora-ray artifacts list"):
-        registry.get("missing")
     registry.register("alpha", fake_adapter(tmp_path, "a"), manifest(1.0))
     registry.register("beta", fake_adapter(tmp_path, "b"), manifest(1.0))
-    with pytest.raises(RegistryError, match=r"'missing'.*known: alpha, beta.*qlora-ray artifacts list"):
+    with pytest.raises(RegistryError) as info:
         registry.get("missing")
+    message = str(info.value)
+    assert message == "no adapter named 'missing' is registered; list the registry with: qlora-ray artifacts list"
+    assert "alpha" not in message and "beta" not in message and str(tmp_path) not in message
     assert registry.find("missing") is None and registry.find("beta").name == "beta"
 
 
@@ -190,7 +228,8 @@ def test_register_checks_its_inputs(tmp_path):
 def test_local_dir_is_the_entry_for_a_plain_path_registry(tmp_path):
     registry = Registry(str(tmp_path / "registry"))
     entry = registry.register("here", fake_adapter(tmp_path, "h"), manifest(1.0))
-    assert registry.local_dir("here", tmp_path / "cache") == entry.uri == str(tmp_path / "registry/adapters/here")
+    home = tmp_path / "registry/revisions/here" / entry.manifest["revision"]
+    assert registry.local_dir("here", tmp_path / "cache") == entry.uri == str(home)
     assert not (tmp_path / "cache").exists()
 
 
@@ -200,12 +239,14 @@ def test_local_dir_downloads_a_uri_registry_once(tmp_path):
     cache = tmp_path / "cache"
     local = Path(registry.local_dir("remote", cache))
     assert local == cache / "remote"
-    assert files_of(local) == files_of(tmp_path / "registry" / "adapters" / "remote")
+    assert files_of(local) == files_of(Path(registry.get("remote").uri.removeprefix("file://")))
     marker = local / "sub" / "tokenizer.json"
     marker.write_text("touched")  # a second call reuses the copy instead of fetching again
     assert registry.local_dir("remote", cache) == str(local) and marker.read_text() == "touched"
     registry.register("remote", fake_adapter(tmp_path, "r2"), manifest(0.5), overwrite=True)
-    assert files_of(Path(registry.local_dir("remote", cache))) == files_of(tmp_path / "registry/adapters/remote")
+    fetched = files_of(Path(registry.local_dir("remote", cache)))
+    assert fetched == files_of(Path(registry.get("remote").uri.removeprefix("file://")))
+    assert fetched["adapter_model.safetensors"] == b"weights r2" * 100
     assert [p.name for p in cache.iterdir()] == ["remote"]
 
 
@@ -255,14 +296,16 @@ def test_dataset_fingerprint_follows_the_bytes(tmp_path):
     assert dataset_fingerprint("org/some-hub-dataset") == "name:org/some-hub-dataset"
 
 
-def test_the_object_store_path_writes_in_place_with_the_manifest_last(tmp_path):
-    # Object stores cannot rename directories; run that branch on real local files to check it too.
-    registry = Registry((tmp_path / "registry").as_uri())
-    registry._renames = False
-    registry.register("direct", fake_adapter(tmp_path, "d"), manifest(1.0))
-    registry.register("direct", fake_adapter(tmp_path, "d2"), manifest(0.5), overwrite=True)
-    stored = tmp_path / "registry" / "adapters" / "direct"
-    assert files_of(stored) == files_of(tmp_path / "src-d2") | {
-        "manifest.json": (stored / "manifest.json").read_bytes()
-    }
+def test_an_object_store_registry_uploads_a_new_revision_before_removing_the_old(tmp_path, memory_location):
+    # fsspec's in-memory store: no directory rename and no locks, as on S3 or GCS.
+    registry = Registry(memory_location)
+    first = registry.register("direct", fake_adapter(tmp_path, "d"), manifest(1.0))
+    second = registry.register("direct", fake_adapter(tmp_path, "d2"), manifest(0.5), overwrite=True)
+    assert first.uri != second.uri and second.uri.startswith(f"{memory_location}/revisions/direct/r-")
+    revisions = registry.fs.get_file_info(pyarrow.fs.FileSelector(f"{registry.root}/revisions/direct"))
+    assert [i.base_name for i in revisions] == [second.manifest["revision"]]  # the old one went after the switch
+    local = Path(registry.local_dir("direct", tmp_path / "cache"))
+    assert files_of(local) == files_of(tmp_path / "src-d2") | {"manifest.json": (local / "manifest.json").read_bytes()}
     assert [e.name for e in registry.list()] == ["direct"] and registry.best().manifest["metrics"]["val_loss"] == 0.5
+    written = registry.write_file("direct", "eval.json", "{}")
+    assert written == f"{second.uri}/eval.json"

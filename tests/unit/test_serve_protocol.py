@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -9,21 +10,97 @@ from pydantic import ValidationError
 
 from data.templates import build_prompt, example_from_messages, messages_for
 from qlora_ray.config import ConfigError, from_dict
-from serve.app import KEYS_VARIABLE, api_keys, build_app
-from serve.protocol import ApiError, ChatRequest, CompletionRequest, error_from_validation
+from serve.app import build_app
+from serve.auth import KEYS_VARIABLE, accepts, api_keys, key_hashes
+from serve.protocol import (
+    IGNORED,
+    REFUSED,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_messages,
+    check_limits,
+    error_from_validation,
+    lone_surrogate_at,
+    refuse_unsupported,
+)
 
 
-def test_requests_take_openai_fields_and_refuse_what_is_not_supported():
+def test_requests_take_openai_fields_and_null_means_the_default():
     request = CompletionRequest.model_validate({"prompt": ["one"], "stop": "###", "unknown_field": 1})
-    assert (request.prompt, request.stop, request.temperature, request.model) == ("one", ["###"], 1.0, None)
-    for bad in ({"prompt": ["a", "b"]}, {"prompt": "a", "n": 2}, {"prompt": "a", "stop": ["1", "2", "3", "4", "5"]},
+    assert (request.prompt, request.stop, request.temperature, request.model) == ("one", ["###"], None, None)
+    nulls = {"prompt": "a", "temperature": None, "top_p": None, "n": None, "stop": None, "stream": None,
+             "max_tokens": None, "seed": None, "stream_options": None, "user": None}  # fmt: skip
+    request = CompletionRequest.model_validate(nulls)
+    assert (request.stop, request.n, request.stream) == ([], None, None)
+    for bad in ({"prompt": ["a", "b"]}, {"prompt": "a", "stop": ["1", ""]}, {"prompt": "a", "n": 0},
                 {"prompt": "a", "top_p": 0}, {"prompt": "a", "max_tokens": 0}):  # fmt: skip
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate(bad)
     with pytest.raises(ValidationError):
         ChatRequest.model_validate({"messages": []})
-    with pytest.raises(ValidationError):
-        ChatRequest.model_validate({"messages": [{"role": "robot", "content": "hi"}]})
+
+
+def test_chat_messages_take_content_parts_and_the_developer_role():
+    request = ChatRequest.model_validate({"messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there?"}]},
+        {"role": "assistant", "content": None}, {"role": "user", "content": "And?"},
+    ]})  # fmt: skip
+    assert chat_messages(request.messages) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere?"},
+        {"role": "assistant", "content": ""}, {"role": "user", "content": "And?"},
+    ]  # fmt: skip
+    image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    for messages, param in (([{"role": "user", "content": [image]}], "messages.0.content"),
+                            ([{"role": "tool", "content": "42"}], "messages.0.role"),
+                            ([{"role": "user", "content": [{"type": "text"}]}], "messages.0.content")):  # fmt: skip
+        with pytest.raises(ApiError) as refused:
+            chat_messages(ChatRequest.model_validate({"messages": messages}).messages)
+        assert (refused.value.status, refused.value.param) == (400, param)
+
+
+@pytest.mark.parametrize(
+    "field", [("logprobs", True), ("top_logprobs", 2), ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5),
+              ("frequency_penalty", 1), ("tools", [{"type": "function"}]), ("tool_choice", "auto"),
+              ("response_format", {"type": "json_object"}), ("echo", True), ("best_of", 3), ("suffix", "end"),
+              ("modalities", ["text", "audio"])],
+)  # fmt: skip
+def test_fields_that_would_change_the_answer_are_refused_unless_at_their_no_op_value(field):
+    name, value = field
+    with pytest.raises(ApiError) as refused:
+        refuse_unsupported({"prompt": "a", name: value})
+    assert (refused.value.status, refused.value.param) == (400, name) and "not supported" in refused.value.message
+    assert name in REFUSED
+
+
+def test_no_op_values_of_refused_fields_and_ignored_fields_pass():
+    refuse_unsupported({"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "presence_penalty": 0, "tools": [],
+                        "tool_choice": "none", "response_format": {"type": "text"}, "echo": False, "best_of": 1,
+                        "suffix": None, "modalities": ["text"], **dict.fromkeys(IGNORED, "x")})  # fmt: skip
+
+
+def test_a_lone_surrogate_is_found_wherever_it_is():
+    broken = json.loads('{"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "a\\ud800"}]}')
+    assert lone_surrogate_at(broken) == "messages.1.content"
+    assert lone_surrogate_at(json.loads('{"stop": ["\\udfff"]}')) == "stop.0"
+    assert lone_surrogate_at({"prompt": "caf\u00e9 \U0001f600", "n": 1}) is None
+
+
+def test_request_limits_name_their_setting():
+    limits = from_dict({"data": {"path": "x.jsonl"}, "serve": {"max_messages": 2, "max_message_chars": 5,
+                        "max_stop_strings": 1, "max_stop_chars": 3, "max_choices": 2}}).serve  # fmt: skip
+    check_limits({"prompt": "12345"}, ["abc"], 2, limits)
+    for args, kwargs, setting in (
+        (({"prompt": "123456"}, [], 1), {}, "serve.max_message_chars"),
+        (({"messages.0.content": "a"}, [], 1), {"messages": 3}, "serve.max_messages"),
+        (({"prompt": "a"}, ["a", "b"], 1), {}, "serve.max_stop_strings"),
+        (({"prompt": "a"}, ["abcd"], 1), {}, "serve.max_stop_chars"),
+        (({"prompt": "a"}, [], 3), {}, "serve.max_choices"),
+    ):
+        with pytest.raises(ApiError, match=setting.replace(".", r"\.")) as refused:
+            check_limits(*args, limits, **kwargs)
+        assert refused.value.status == 400
 
 
 def test_validation_errors_name_every_field():
@@ -41,14 +118,47 @@ def test_api_errors_cross_process_boundaries_intact():
     assert (err.status, err.message, err.param, err.code) == (404, "no adapter named 'x'", "model", "model_not_found")
 
 
-def test_api_keys_from_file_and_variable(tmp_path, monkeypatch):
+def _serve_cfg(**serve):
+    return from_dict({"data": {"path": "x.jsonl"}, "serve": serve}).serve
+
+
+def test_api_keys_from_file_and_variable_reach_replicas_as_hashes(tmp_path, monkeypatch):
     keys = tmp_path / "keys.txt"
     keys.write_text("# comment\nk1\n\n  k2  \n")
     monkeypatch.setenv(KEYS_VARIABLE, "k3, k4,")
-    cfg = from_dict({"data": {"path": "x.jsonl"}, "serve": {"api_keys_file": str(keys)}})
+    cfg = _serve_cfg(api_keys_file=str(keys))
     assert api_keys(cfg) == {"k1", "k2", "k3", "k4"}
+    hashes = key_hashes(cfg)
+    assert len(hashes) == 4 and not {"k1", "k2", "k3", "k4"} & set(hashes)
+    assert accepts(hashes, "Bearer k3") and accepts(hashes, "bearer  k1 ") and accepts(hashes, "Bearer k5") is False
+    assert accepts(hashes, "k3") is None and accepts(hashes, "Basic k3") is None and accepts(hashes, "Bearer ") is None
     monkeypatch.delenv(KEYS_VARIABLE)
-    assert api_keys(from_dict({"data": {"path": "x.jsonl"}})) == set()
+    assert key_hashes(_serve_cfg()) == []
+
+
+def test_a_key_source_without_keys_refuses_to_start(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEYS_VARIABLE, raising=False)
+    for text in ("", "# only a comment\n\n   \n"):
+        (tmp_path / "keys.txt").write_text(text)
+        with pytest.raises(ConfigError, match=r"serve\.api_keys_file: .*holds no key"):
+            key_hashes(_serve_cfg(api_keys_file=str(tmp_path / "keys.txt")))
+    monkeypatch.setenv(KEYS_VARIABLE, " , ")
+    with pytest.raises(ConfigError, match=f"{KEYS_VARIABLE} is set but holds no key"):
+        key_hashes(_serve_cfg())
+
+
+def test_a_reachable_host_without_keys_refuses_unless_allowed(monkeypatch, caplog):
+    monkeypatch.delenv(KEYS_VARIABLE, raising=False)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert key_hashes(_serve_cfg(host=host)) == []
+    for host in ("0.0.0.0", "10.1.2.3", "::", "my-host.example"):
+        with pytest.raises(ConfigError, match=r"serve\.allow_unauthenticated"):
+            key_hashes(_serve_cfg(host=host))
+    with caplog.at_level("WARNING"):
+        assert key_hashes(_serve_cfg(host="0.0.0.0", allow_unauthenticated=True)) == []
+    assert "without API keys" in caplog.text
+    monkeypatch.setenv(KEYS_VARIABLE, "k1")
+    assert len(key_hashes(_serve_cfg(host="0.0.0.0"))) == 1
 
 
 def test_app_arguments_are_checked(tmp_path):
