@@ -228,8 +228,8 @@ class DecodeBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         names = list(adapters) if adapters is not None else None
+        rows = [_Row(s, self.eos, self.device) for s in sampling]  # before the forward: a bad seed costs nothing
         logits = self._forward(ids, mask, positions, cache, names)
-        rows = [_Row(s, self.eos, self.device) for s in sampling]
         tokens = sample(logits, sampling, self.generator, [r.generator for r in rows])
         chunks = self._chunks(list(keys), rows, tokens.tolist())
         going = [i for i, key in enumerate(keys) if chunks[key].finish_reason is None]  # rows done at once stay out

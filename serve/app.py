@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from qlora_ray import console
 from qlora_ray.config import Config, ConfigError, from_dict, load_config, pin_local_paths
@@ -62,6 +63,7 @@ PAGE_FILES = {"chat.js": "text/javascript", "chat.css": "text/css"}  # what /sta
 RETRY_AFTER_S = 1
 ANSWER_SOURCE_HEADER = "x-answer-source"  # stored | model | declined
 
+HEALTH_CHECK_S = 1.0  # how old the generator check behind a keyless /healthz may be
 PARSE_ON_THREAD_BYTES = 64 * 1024  # a body this large is parsed off the ingress's event loop
 
 # No generated docs: /docs, /redoc and /openapi.json would describe the API to anyone, key or not.
@@ -109,7 +111,7 @@ async def _first(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
 def _epoch(created: str | None) -> int:
     try:
         return int(datetime.fromisoformat(created).timestamp()) if created else 0
-    except ValueError:
+    except (TypeError, ValueError):  # a hand-edited manifest: the entry is still listed
         return 0
 
 
@@ -118,7 +120,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length", "")
     too_large = ApiError(413, f"the request body is over {limit} bytes (serve.max_body_bytes); send less",
                          code="request_too_large")  # fmt: skip
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise too_large
     parts, size = [], 0
     try:
@@ -128,6 +130,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 if size > limit:
                     raise too_large
                 parts.append(part)
+    except ClientDisconnect:
+        raise ApiError(400, "the client went away before its request body arrived") from None
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s (serve.body_timeout_s)",
                        code="request_timeout") from None  # fmt: skip
@@ -147,6 +151,18 @@ async def _rest(first: dict[str, Any], chunks: AsyncIterator[dict[str, Any]]) ->
     async for last in chunks:
         text += last["text"]
     return text, last
+
+
+async def _all_or_none(work: list[Any]) -> list[Any]:
+    """Run coroutines together; when one fails, cancel the rest (their streams stop generating) and raise."""
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _usage(rid: str, name: str, lasts: list[dict[str, Any]]) -> dict[str, int]:
@@ -201,6 +217,8 @@ class Api:
         self.registry = Registry(self.cfg.run.registry)
         self.key_hashes = list(key_hashes)
         self.base = self.cfg.model.name_or_path
+        self.health: tuple[float, bool] | None = None  # (when, ready) of the last check, for keyless /healthz
+        self.health_check: asyncio.Task | None = None
         auth_state = f"on ({len(self.key_hashes)} keys)" if self.key_hashes else "off"
         log.info("API ready: auth %s, registry %s", auth_state, self.registry.location)
 
@@ -217,24 +235,29 @@ class Api:
 
     @api.get("/healthz")
     async def healthz(self, request: Request) -> JSONResponse:
-        """200 once a generator replica has its model loaded, else 503; the replica's state only with a key."""
-        try:
-            state = await asyncio.wait_for(self.generator.ready.remote(), timeout=5)
-        except Exception:  # any failure means "not ready"
+        """200 once a generator replica has its model loaded, else 503; the replica's state only with a key.
+
+        Without a key (when keys are set) the answer comes from a check made at most once a second, so that
+        polling it costs the generators nothing."""
+        if self.key_hashes and not auth.accepts(self.key_hashes, request.headers.get("authorization", "")):
+            if await self._ready_recently():
+                return JSONResponse({"status": "ok"})
             return JSONResponse({"status": "starting"}, status_code=503)
-        detailed = not self.key_hashes or auth.accepts(self.key_hashes, request.headers.get("authorization", ""))
-        return JSONResponse({"status": "ok", **state} if detailed else {"status": "ok"})
+        state = await self._ready()
+        if state is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok", **state})
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        default = self._default_adapter(required=False)
-        return {"object": "list", "data": [self._model(entry, default) for entry in self._servable()]}
+        return {"object": "list", "data": await asyncio.to_thread(self._listing)}
 
     @api.get("/v1/models/{model_id}")
     async def model(self, model_id: str, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        return self._model(self._entry(model_id), self._default_adapter(required=False))
+        entry = await asyncio.to_thread(self._entry, model_id)
+        return self._model(entry, await asyncio.to_thread(self._default_adapter, False))
 
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
@@ -273,7 +296,7 @@ class Api:
             raise error_from_validation(list(err.errors())) from None
 
     async def _respond(self, body: Any, prompt: dict[str, Any], shape: Any, prefix: str) -> Any:
-        name = self._adapter(body.model)
+        name = await asyncio.to_thread(self._adapter, body.model)  # registry reads: off the loop that relays streams
         rid = new_id(prefix)
         deadline = time.monotonic() + self.cfg.serve.request_timeout_s
         streams = [self._chunks(name, {**prompt, "sampling": self._sampling(body, i)}, deadline)
@@ -293,7 +316,7 @@ class Api:
             with_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._events(rid, name, firsts, streams, sourced, with_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        wholes = await asyncio.gather(*(_rest(f, s) for f, s in zip(firsts, streams, strict=True)))
+        wholes = await _all_or_none([_rest(f, s) for f, s in zip(firsts, streams, strict=True)])
         counts = _usage(rid, name, [last for _, last in wholes])
         choices = [(i, text, last["finish_reason"]) for i, (text, last) in enumerate(wholes)]
         return JSONResponse(sourced(rid, name, choices, False, counts), headers=headers)
@@ -369,17 +392,39 @@ class Api:
 
     def _sampling(self, body: Any, choice: int) -> dict[str, Any]:
         limit = self.cfg.serve.max_new_tokens
-        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        asked = getattr(body, field)
         if asked is not None and asked > limit:
-            raise ApiError(400, f"max_tokens is {asked}; this server generates at most {limit} tokens per request "
-                           "(serve.max_new_tokens). Ask for fewer.", param="max_tokens")  # fmt: skip
+            raise ApiError(400, f"{field} is {asked}; this server generates at most {limit} tokens per request "
+                           "(serve.max_new_tokens). Ask for fewer.", param=field)  # fmt: skip
         return {
             "max_tokens": asked or min(self.cfg.serve.default_max_tokens, limit),
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p,
             "stop": tuple(body.stop),
-            "seed": None if body.seed is None else body.seed + choice,  # n choices: n different draws
+            # n choices: n different draws; any integer is a seed (torch takes 64 bits)
+            "seed": None if body.seed is None else (body.seed + choice) % 2**64,
         }
+
+    async def _ready(self) -> dict[str, Any] | None:
+        """A generator replica's state, or None when none answers (yet)."""
+        try:
+            return await asyncio.wait_for(self.generator.ready.remote(), timeout=5)
+        except Exception:  # any failure means "not ready"
+            return None
+
+    async def _ready_recently(self) -> bool:
+        """Whether a generator was ready at the last check, made again (one at a time) once it is a second old."""
+        if self.health is None or time.monotonic() - self.health[0] > HEALTH_CHECK_S:
+            if self.health_check is None or self.health_check.done():
+                self.health_check = asyncio.create_task(self._ready())
+            state = await asyncio.shield(self.health_check)
+            self.health = (time.monotonic(), state is not None)
+        return self.health[1]
+
+    def _listing(self) -> list[dict[str, Any]]:
+        default = self._default_adapter(required=False)
+        return [self._model(entry, default) for entry in self._servable()]
 
     def _model(self, entry: Any, default: str | None) -> dict[str, Any]:
         manifest = entry.manifest
@@ -420,7 +465,14 @@ class Api:
 
     def _authorize(self, request: Request) -> None:
         if not self.key_hashes:
-            return
+            # Without keys, answer only this machine unless told otherwise: Serve's proxy may listen on another
+            # address than serve.host says (serve deploy's http_options, a proxy started before this app).
+            client = request.client.host if request.client else ""
+            if self.cfg.serve.allow_unauthenticated or auth.is_loopback(client):
+                return
+            raise ApiError(403, "this server has no API keys, so it answers only its own machine: set "
+                           "serve.api_keys_file or QLORA_RAY_API_KEYS, or serve.allow_unauthenticated: true",
+                           code="unauthenticated_remote")  # fmt: skip
         accepted = auth.accepts(self.key_hashes, request.headers.get("authorization", ""))
         if accepted is None:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")

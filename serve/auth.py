@@ -62,9 +62,20 @@ def is_loopback(host: str) -> bool:
     if host.lower() in LOOPBACK_NAMES:
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:  # a host name: it may resolve anywhere
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _checked(keys: set[str], source: str) -> set[str]:
+    """Keys as a client can send them: printable ASCII without spaces (a header cannot carry more)."""
+    for key in keys:
+        if not (key.isascii() and key.isprintable()) or any(c.isspace() for c in key):
+            raise _refuse(f"{source} holds a key with spaces or characters other than printable ASCII, which "
+                          "no client can send in an Authorization header; a comment takes a whole line")  # fmt: skip
+    return keys
 
 
 def api_keys(cfg: ServeConfig) -> set[str]:
@@ -72,9 +83,9 @@ def api_keys(cfg: ServeConfig) -> set[str]:
 
     Only the process that builds the app (and asks it a question, as the pipeline does) holds these.
     """
-    keys = _variable_keys()
+    keys = _checked(_variable_keys(), KEYS_VARIABLE)
     if cfg.api_keys_file:
-        keys |= _file_keys(cfg.api_keys_file)
+        keys |= _checked(_file_keys(cfg.api_keys_file), f"serve.api_keys_file {cfg.api_keys_file}")
     return keys
 
 

@@ -47,7 +47,7 @@ from data.formats import AUTO, format_named
 from data.formats.prompt_completion import PromptCompletion
 from qlora_ray import console
 from qlora_ray.config import from_dict
-from qlora_ray.registry import MANIFEST, Registry, saved_data_config
+from qlora_ray.registry import MANIFEST, Registry, RegistryError, saved_data_config
 from serve.grounding import MODEL, RETRY_BUILD_S, QASet, QASets, dataset_key, fit_answer, training_examples
 from serve.protocol import ApiError
 
@@ -122,8 +122,10 @@ class Generator:
         # which delivers the other requests' chunks. One thread, with its own copy of the tokenizer: a fast
         # tokenizer is not safe to call from two threads at once (the torch thread decodes with the other).
         self.prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        # Grounding embeds on a thread of its own: building a Q&A set does not pause decoding.
+        # Grounding embeds on threads of its own: building a Q&A set pauses neither decoding nor the grounded
+        # requests of adapters whose set is built.
         self.grounding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grounding")
+        self.deciding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grounding-decide")
         self.registry = Registry(self.cfg.run.registry)
         self.cache = Path(tempfile.gettempdir()) / f"qlora-ray-adapters-{os.getpid()}"
         self.tokenizer = load_tokenizer(self.cfg.model)
@@ -163,18 +165,20 @@ class Generator:
         """Multiplexed loader: fetch the adapter from the registry and put it on the base model."""
         from qlora_ray.generate import AdapterError
 
-        self.dropped.discard(name)
         try:
             info = await self._on(None, self._fetch, name)
-        except (ValueError, OSError) as err:  # RegistryError, ConfigError, a manifest that is not JSON
+        except RegistryError as err:  # its messages name no server path
             raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
+        except (ValueError, OSError) as err:  # ConfigError, a manifest that is not JSON: paths stay in the log
+            raise _unservable(name, err) from None
         # Loads and unloads run on the torch thread in order, so a queued unload never undoes this load.
         started = time.perf_counter()
         try:
             if await self._run(self._ensure_loaded, name, info.directory):
                 log.info("adapter %s loaded in %.2f s", name, time.perf_counter() - started)
         except AdapterError as err:
-            raise ApiError(404, f"adapter {name!r} cannot be served: {err}", param="model") from None
+            raise _unservable(name, err) from None
+        self.dropped.discard(name)  # loaded again after an eviction: it stays until Serve drops it anew
         self.loaded[name] = info
         return _Loaded(self, name)
 
@@ -276,7 +280,7 @@ class Generator:
             raise ApiError(500, f"adapter {name!r} cannot be grounded (serve.grounding): its Q&A set could not be "
                            "built (training data missing or changed on the server, or where the server may not read "
                            "it); the server log has the details") from None  # fmt: skip
-        verdict = await self._on(self.grounding, qa.decide, example, self.cfg.serve.grounding)
+        verdict = await self._on(self.deciding, qa.decide, example, self.cfg.serve.grounding)
         log.info("grounding %s: %s (nearest question %.3f)", name, verdict.source, verdict.score)
         if verdict.answer is None:
             return None
@@ -318,14 +322,18 @@ class Generator:
                 await self.wakeup.wait()
                 await asyncio.sleep(wait)  # let a burst of requests arrive and prefill together
             room = self.cfg.serve.max_batch_size - (len(batch) if batch else 0)
-            joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-            joining = [job for job in joining if not job.gone]
-            if joining:
-                batch, first = await self._run(self._join, batch, joining)
-                self._deliver(first)
-            if not batch:
-                continue
+            joining: list[_Job] = []
+            while self.waiting and len(joining) < room:  # requests whose caller went away take no place
+                job = self.waiting.popleft()
+                if not job.gone:
+                    joining.append(job)
             try:
+                if joining:
+                    batch, first = await self._run(self._join, batch, joining)
+                    self._deliver(first)
+                    joining = []
+                if not batch:
+                    continue
                 gone = {job for job in batch.keys if job.gone}
                 if gone:
                     await self._run(batch.drop, gone)
@@ -335,7 +343,7 @@ class Generator:
                     self.step_seconds.append((len(batch), time.perf_counter() - started))
             except Exception as err:  # a failed step fails the requests in it, not the replica
                 log.exception("decode step failed")
-                for job in batch.keys:
+                for job in [*(batch.keys if batch else []), *joining]:
                     job.out.put_nowait(_failed(err))
                 batch = None
 
@@ -374,6 +382,13 @@ class Generator:
     async def _on(self, executor: ThreadPoolExecutor | None, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on ``executor`` (None: the event loop's default thread pool)."""
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+def _unservable(name: str, err: Exception) -> ApiError:
+    """A 404 for an adapter that cannot be loaded; the cause, with its paths, goes to the log only."""
+    log.error("adapter %s cannot be served: %s", name, err)
+    return ApiError(404, f"adapter {name!r} cannot be served ({type(err).__name__}: its files or settings are not "
+                    "usable; the server log has the details)", param="model")  # fmt: skip
 
 
 def _unloaded(name: str) -> ApiError:

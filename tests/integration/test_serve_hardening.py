@@ -34,7 +34,9 @@ def cluster(tiny_phi_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(cluster):
-    return deploy(cluster, f"serve.api_keys_file={cluster['home'] / 'keys.txt'}", *LIMITS)
+    # Serve's proxy listens on every address (allowed: keys are set); the tests call it on 127.0.0.1.
+    url = deploy(cluster, f"serve.api_keys_file={cluster['home'] / 'keys.txt'}", "serve.host=0.0.0.0", *LIMITS)
+    return url.replace("0.0.0.0", "127.0.0.1")
 
 
 def _post(url, path, body, key=KEY, **kwargs):
@@ -284,6 +286,8 @@ def test_the_openai_client_sends_parts_developer_messages_n_and_seed(app):
     nulls = {"prompt": PROMPT, "max_tokens": 4, "temperature": None, "top_p": None, "n": None, "stop": None,
              "stream": None, "seed": None, "logprobs": None, "user": "someone"}  # fmt: skip
     assert _post(app, "/v1/completions", nulls).status_code == 200
+    huge_seed = {"prompt": PROMPT, "max_tokens": 2, "temperature": 1.0, "seed": 2**64 + 5, "n": 2}
+    assert _post(app, "/v1/completions", huge_seed).status_code == 200  # any integer is a seed
 
 
 def test_langchain_s_chat_model_works_unchanged(app):
@@ -318,3 +322,29 @@ def test_a_damaged_registry_still_serves_what_is_whole(app, cluster):
         broken = _post(app, "/v1/completions", {"prompt": PROMPT, "model": name})
         message = broken.json()["error"]["message"]
         assert broken.status_code == 404 and f"'{name}' is damaged" in message and str(registry) not in message
+
+
+def _outside_address() -> str | None:
+    """This machine's address on its network (not loopback), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.254", 9))  # no packet is sent: this only picks the outgoing interface
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_without_keys_only_this_machine_is_answered_whatever_the_proxy_listens_on(app, cluster):
+    """Runs last: it turns the keys off. The proxy listens on 0.0.0.0 (started so while keys were set); the app
+    is redeployed without keys and with serve.host at its default, 127.0.0.1, so the check at build time passes:
+    the ingress itself still refuses every client that is not on this machine."""
+    outside = _outside_address()
+    if outside is None:
+        pytest.skip("this machine has no network address besides loopback")
+    url = deploy(cluster).replace("0.0.0.0", "127.0.0.1")  # no keys
+    assert requests.get(f"{url}/v1/models", timeout=10).status_code == 200  # this machine: served
+    port = url.rsplit(":", 1)[1]
+    remote = requests.get(f"http://{outside}:{port}/v1/models", timeout=10)
+    assert remote.status_code == 403 and "serve.allow_unauthenticated" in remote.json()["error"]["message"]
+    assert requests.post(f"http://{outside}:{port}/v1/completions", json={"prompt": PROMPT}, timeout=30).status_code == 403

@@ -56,7 +56,7 @@ def replica(tiny_phi_dir, registry, tmp_path):
 
     yield make
     for generator in made:
-        for pool in (generator.prep, generator.executor, generator.grounding):
+        for pool in (generator.prep, generator.executor, generator.grounding, generator.deciding):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -161,7 +161,7 @@ def test_an_adapter_evicted_while_its_request_is_grounded_stays_until_the_reques
         alone, _ = await _answer(generator, "faq-g", _request(prompt=IN_BETWEEN))  # loads it, builds its Q&A set
         assert generator.qa_sets.built and "faq-g" in generator.adapters.names
         gate = threading.Event()
-        generator.grounding.submit(gate.wait)  # the grounding thread is busy: the next request waits there
+        generator.deciding.submit(gate.wait)  # the grounding thread is busy: the next request waits there
         task = asyncio.create_task(_answer(generator, "faq-g", _request(prompt=IN_BETWEEN)))
         await asyncio.sleep(0.3)
         generator.release("faq-g")  # Serve's LRU evicts it meanwhile

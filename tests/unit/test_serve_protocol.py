@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from data.templates import build_prompt, example_from_messages, messages_for
 from qlora_ray.config import ConfigError, from_dict
 from serve.app import build_app
-from serve.auth import KEYS_VARIABLE, accepts, api_keys, key_hashes
+from serve.auth import KEYS_VARIABLE, accepts, api_keys, is_loopback, key_hashes
 from serve.protocol import (
     IGNORED,
     REFUSED,
@@ -147,8 +147,17 @@ def test_a_key_source_without_keys_refuses_to_start(tmp_path, monkeypatch):
         key_hashes(_serve_cfg())
 
 
+def test_keys_no_client_could_send_refuse_to_start(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEYS_VARIABLE, raising=False)
+    for line in ("k1 # the build server's key", "cl\u00e9"):
+        (tmp_path / "keys.txt").write_text(line + "\n")
+        with pytest.raises(ConfigError, match="printable ASCII"):
+            key_hashes(_serve_cfg(api_keys_file=str(tmp_path / "keys.txt")))
+
+
 def test_a_reachable_host_without_keys_refuses_unless_allowed(monkeypatch, caplog):
     monkeypatch.delenv(KEYS_VARIABLE, raising=False)
+    assert is_loopback("::ffff:127.0.0.1") and not is_loopback("::ffff:10.0.0.1")
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         assert key_hashes(_serve_cfg(host=host)) == []
     for host in ("0.0.0.0", "10.1.2.3", "::", "my-host.example"):
