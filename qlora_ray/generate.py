@@ -135,27 +135,36 @@ class Chunk:
 
 
 class _Row:
-    """One request's generated tokens and the text handed out so far."""
+    """One request's generated tokens and the text handed out so far.
+
+    The text is decoded incrementally: each token decodes only the few tokens since the last stable point (a
+    window that starts one decoded piece back, so a tokenizer that spells a piece differently at the start of
+    a text is still read in context), not the whole completion: the work per token stays flat as answers grow.
+    A token that ends mid-character (byte-level BPE) waits for the next one.
+    """
 
     def __init__(self, sampling: Sampling, eos: set[int], device: torch.device):
         self.sampling, self.eos = sampling, eos
         self.generator = None if sampling.seed is None else torch.Generator(device).manual_seed(sampling.seed)
         self.tokens: list[int] = []
+        self.text = ""  # the decoded text of tokens[:read]
+        self.prefix = self.read = 0  # tokens[prefix:read] decode to the end of self.text
         self.sent = 0  # characters of the decoded text already returned
 
     def add(self, token: int, tokenizer: Any) -> Chunk:
         if token in self.eos:
-            return self._chunk(self._text(tokenizer), "stop")
+            return self._chunk(self._text(tokenizer, final=True), "stop")
+        searched = max(0, len(self.text) - max((len(s) for s in self.sampling.stop), default=0))
         self.tokens.append(token)
-        text = self._text(tokenizer)
+        text = self._text(tokenizer, final=len(self.tokens) >= self.sampling.max_tokens)
         for stop in self.sampling.stop:
-            at = text.find(stop)
+            at = text.find(stop, searched)  # only where the new text could complete it
             if at >= 0:
                 return self._chunk(text[:at], "stop")
         if len(self.tokens) >= self.sampling.max_tokens:
             return self._chunk(text, "length")
-        # Hold back a partial UTF-8 character and any tail that may be the start of a stop string.
-        end = len(text.rstrip("\ufffd"))
+        # Hold back any tail that may be the start of a stop string.
+        end = len(text)
         for stop in self.sampling.stop:
             for k in range(min(len(stop) - 1, end), 0, -1):
                 if text[:end].endswith(stop[:k]):
@@ -163,8 +172,17 @@ class _Row:
                     break
         return self._chunk(text[:end], None)
 
-    def _text(self, tokenizer: Any) -> str:
-        return tokenizer.decode(self.tokens, skip_special_tokens=True)
+    def _text(self, tokenizer: Any, final: bool = False) -> str:
+        """The text so far: the stable text plus what the tokens after it decode to, once they make whole
+        characters (or ``final``: the completion ends here, whatever it holds)."""
+        window = tokenizer.decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        before = tokenizer.decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        if final:
+            return self.text + window[len(before) :]
+        if len(window) > len(before) and not window.endswith("\ufffd"):
+            self.text += window[len(before) :]
+            self.prefix, self.read = self.read, len(self.tokens)
+        return self.text
 
     def _chunk(self, text: str, finish_reason: str | None) -> Chunk:
         start, self.sent = self.sent, max(self.sent, len(text))

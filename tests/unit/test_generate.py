@@ -222,3 +222,28 @@ def test_rows_without_a_seed_draw_from_the_shared_generator():
     assert not torch.equal(shared.get_state(), before)  # an unseeded row draws from the shared one
     first = sample(logits[:1], [hot], torch.Generator().manual_seed(5))
     assert sample(logits[:1], [hot], torch.Generator().manual_seed(5)) == first
+
+
+def test_text_is_decoded_incrementally_and_equals_the_whole_decode():
+    """The starter model's byte-level BPE: characters split across tokens (emoji, CJK, accents) and spaces the
+    tokenizer spells differently at the start of a text come out exactly as decoding everything at once."""
+    from qlora_ray.generate import _Row
+    from qlora_ray.model import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path="builtin:smollm2-135m-instruct"))
+    text = 'Ray Serve \u2603 d\u00e9j\u00e0 vu \u6771\u4eac \U0001f600 and "quotes" , spaces  .  end\n' * 8
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    row = _Row(Sampling(max_tokens=len(ids)), set(), torch.device("cpu"))
+    chunks = [row.add(token, tokenizer) for token in ids]
+    assert "".join(c.text for c in chunks) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert chunks[-1].finish_reason == "length" and all(c.finish_reason is None for c in chunks[:-1])
+    assert not any("\ufffd" in c.text for c in chunks)  # half a character is never handed out
+    assert row.prefix > len(ids) - 8  # the decode window stays a few tokens long, not the whole completion
+    # A stop string that spans several tokens ends the text just before it, wherever it falls.
+    stopped = _Row(Sampling(max_tokens=len(ids), stop=("\u6771\u4eac \U0001f600",)), set(), torch.device("cpu"))
+    out = []
+    for token in ids:
+        out.append(stopped.add(token, tokenizer))
+        if out[-1].finish_reason:
+            break
+    assert "".join(c.text for c in out) == text[: text.index("\u6771\u4eac")] and out[-1].finish_reason == "stop"
