@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from serve_load import _pct, deploy, free_port, prompts, registry_with, stream_once  # noqa: E402
+from serve_load import deploy, free_port, load, prompts, registry_with, stream_once  # noqa: E402
 
 KEY = "bench-key"
 CLIENTS = 16
@@ -122,38 +122,6 @@ def bad_requests(url: str, port: int) -> list[tuple[str, Any]]:
     ]
 
 
-def good_clients(url: str, seconds: float, max_tokens: int, stop_at: float | None = None) -> dict:
-    results: list[tuple[float, float, int, int]] = []
-    lock = threading.Lock()
-    stop_at = stop_at or time.perf_counter() + seconds
-
-    def client(offset: int) -> None:
-        questions = prompts()[offset:] + prompts()[:offset]
-        i = 0
-        while time.perf_counter() < stop_at:
-            try:
-                outcome = stream_once(url, questions[i % len(questions)], max_tokens, key=KEY)
-            except requests.RequestException:
-                outcome = (0.0, 0.0, 0, 0)
-            i += 1
-            if time.perf_counter() <= stop_at:
-                with lock:
-                    results.append(outcome)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = stop_at - started
-    ok = [r for r in results if r[3] == 200]
-    latencies = [r[0] for r in ok]
-    return {"good": len(ok), "good_failed": len(results) - len(ok), "tokens_per_s": sum(r[2] for r in ok) / elapsed,
-            "latency_p50": _pct(latencies, 50), "latency_p99": _pct(latencies, 99),
-            "failed_statuses": dict(Counter(r[3] for r in results if r[3] != 200))}  # fmt: skip
-
-
 def abusive_phase(url: str, port: int, seconds: float, max_tokens: int) -> tuple[dict, dict[str, Counter]]:
     stop_at = time.perf_counter() + seconds
     kinds = bad_requests(url, port)
@@ -175,7 +143,7 @@ def abusive_phase(url: str, port: int, seconds: float, max_tokens: int) -> tuple
     threads = [threading.Thread(target=abuser, args=(i * 3,)) for i in range(ABUSERS)]
     for t in threads:
         t.start()
-    good = good_clients(url, seconds, max_tokens, stop_at)
+    good = load(url, CLIENTS, seconds, max_tokens, key=KEY, stop_at=stop_at)
     for t in threads:
         t.join()
     return good, answers
@@ -202,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         url = deploy(registry, base, port, ["serve.cpus_per_replica=2", f"serve.api_keys_file={home}/keys.txt"])
         stream_once(url, prompts()[0], args.max_tokens, key=KEY)  # warm-up: the adapter loads on first use
-        calm = good_clients(url, args.seconds, args.max_tokens)
+        calm = load(url, CLIENTS, args.seconds, args.max_tokens, key=KEY)
         print(f"calm: {json.dumps(calm)}", flush=True)
         abused, answers = abusive_phase(url, port, args.seconds, args.max_tokens)
         print(f"abused: {json.dumps(abused)}", flush=True)
@@ -214,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
           "latency p50 / p99 (s) |")  # fmt: skip
     print("| --- | --- | --- | --- | --- |")
     for name, r in (("alone", calm), (f"with {ABUSERS} clients sending bad requests", abused)):
-        print(f"| {name} | {r['good']} | {r['good_failed']} | {r['tokens_per_s']:.1f} | "
+        print(f"| {name} | {r['requests']} | {r['errors']} | {r['tokens_per_s']:.1f} | "
               f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} |")  # fmt: skip
     print("\n| bad request | sent | answered |\n| --- | --- | --- |")
     for name, statuses in answers.items():
         got = ", ".join(f"{s} x{n}" for s, n in sorted(statuses.items(), key=str))
         print(f"| {name} | {sum(statuses.values())} | {got} |")
-    print(f"\n/healthz after: {healthy}; good requests failed under abuse: {abused['good_failed']} (goal 0)")
+    print(f"\n/healthz after: {healthy}; good requests failed under abuse: {abused['errors']} (goal 0)")
     return 0
 
 

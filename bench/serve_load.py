@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import requests
@@ -118,16 +119,22 @@ def stream_once(url: str, prompt: str, max_tokens: int, key: str | None = None) 
     return latency, first if first is not None else latency, tokens, 200
 
 
-def load(url: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
-    """``concurrency`` closed-loop clients for ``seconds``; only requests that finish in the window count."""
+def load(
+    url: str, concurrency: int, seconds: float, max_tokens: int, key: str | None = None, stop_at: float | None = None
+) -> dict:
+    """``concurrency`` closed-loop clients for ``seconds`` (or until ``stop_at``); only requests that finish in the
+    window count. A request that gets no HTTP answer counts as an error with status 0."""
     results: list[tuple[float, float, int, int]] = []
-    stop_at = time.perf_counter() + seconds
+    stop_at = stop_at or time.perf_counter() + seconds
     lock = threading.Lock()
 
     def client(offset: int) -> None:
         source = _cycle(prompts()[offset:] + prompts()[:offset])
         while time.perf_counter() < stop_at:
-            outcome = stream_once(url, next(source), max_tokens)
+            try:
+                outcome = stream_once(url, next(source), max_tokens, key=key)
+            except requests.RequestException:
+                outcome = (0.0, 0.0, 0, 0)
             if time.perf_counter() <= stop_at:
                 with lock:
                     results.append(outcome)
@@ -143,6 +150,7 @@ def load(url: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
     latencies, ttfts = [r[0] for r in ok], [r[1] for r in ok]
     return {
         "concurrency": concurrency, "requests": len(ok), "errors": len(results) - len(ok),
+        "error_statuses": dict(Counter(r[3] for r in results if r[3] != 200)),
         "requests_per_s": len(ok) / elapsed, "tokens_per_s": sum(r[2] for r in ok) / elapsed,
         "latency_p50": _pct(latencies, 50), "latency_p95": _pct(latencies, 95), "latency_p99": _pct(latencies, 99),
         "ttft_p50": _pct(ttfts, 50), "ttft_p99": _pct(ttfts, 99),

@@ -357,18 +357,16 @@ class Generator:
         ready = [job for job in jobs if job not in first]
         if not batch:  # the first adapter load wraps the base model: a batch is made on the model as it is
             batch = DecodeBatch(self.adapters.model, self.tokenizer)
-        # Together (one prefill) first; if that fails, one by one, so that only the request at fault fails.
-        for group in [] if not ready else [ready] if len(ready) == 1 else [ready, *([job] for job in ready)]:
-            try:
-                first.update(batch.add(group, [j.prompt for j in group], [j.sampling for j in group],
-                                       [j.name for j in group]))  # fmt: skip
-            except Exception as err:
-                if len(group) == 1:
-                    log.exception("a request could not join the batch")
-                    first[group[0]] = _failed(err)
-                continue
-            if group is ready:
-                break
+        try:  # together, in one prefill
+            first.update(_add(batch, ready))
+        except Exception as err:  # the batch is as it was: one by one, so only the request at fault fails
+            log.exception("%d request(s) could not join the batch together", len(ready))
+            first.update(dict.fromkeys(ready, _failed(err)))
+            for job in ready if len(ready) > 1 else []:
+                try:
+                    first.update(_add(batch, [job]))
+                except Exception as own:
+                    first[job] = _failed(own)
         return batch, first
 
     def _deliver(self, chunks: dict[Any, Any]) -> None:
@@ -382,6 +380,13 @@ class Generator:
     async def _on(self, executor: ThreadPoolExecutor | None, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on ``executor`` (None: the event loop's default thread pool)."""
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+def _add(batch: Any, jobs: list[_Job]) -> dict[_Job, Any]:
+    """``jobs`` into ``batch`` (``DecodeBatch.add``: all or none); each one's first chunk."""
+    if not jobs:
+        return {}
+    return batch.add(jobs, [j.prompt for j in jobs], [j.sampling for j in jobs], [j.name for j in jobs])
 
 
 def _unservable(name: str, err: Exception) -> ApiError:

@@ -11,6 +11,25 @@ from adapters import register_adapter
 from processes import free_port
 
 KEY = "test-key-123"
+PROMPT = "GALAXY < what is ?"
+
+
+def post(url: str, path: str, body: dict, key: str | None = KEY, **kwargs: Any) -> Any:
+    """POST ``body`` as JSON, with ``key`` as the bearer key (None: no Authorization header)."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(f"{url}{path}", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def events(response: Any) -> list:
+    """A streamed response's chunk objects; it must end with ``data: [DONE]``."""
+    import json
+
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ tight limits; two replicas for the kill test).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +14,10 @@ import pytest
 import requests
 from adapters import register_adapter
 from processes import wait_for
-from serving import KEY, deploy, serve_cluster
+from serving import KEY, PROMPT, deploy, events, post, serve_cluster
 
 pytestmark = pytest.mark.ray
 
-PROMPT = "GALAXY < what is ?"
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +32,6 @@ def app(cluster):
     return deploy(cluster, keys, "serve.max_batch_size=8", "serve.max_adapters_per_replica=2")
 
 
-def _post(url, path, body, key=KEY, **kwargs):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return requests.post(f"{url}{path}", json=body, headers=headers, timeout=60, **kwargs)
-
-
-def _events(response) -> list:
-    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
-    assert all(line.startswith("data: ") for line in lines), lines
-    assert lines[-1] == "data: [DONE]"
-    return [json.loads(line[6:]) for line in lines[:-1]]
 
 
 def test_health_models_and_auth(app):
@@ -55,7 +43,7 @@ def test_health_models_and_auth(app):
     assert "nope" not in wrong.text
     models = requests.get(f"{app}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     assert {m["id"]: m["default"] for m in models["data"]} == {"faq-a": True, "faq-b": False}  # best = lower loss
-    assert _post(app, "/v1/completions", {"prompt": PROMPT}, key=None).status_code == 401
+    assert post(app, "/v1/completions", {"prompt": PROMPT}, key=None).status_code == 401
 
 
 def test_the_chat_page_and_its_files_are_served_without_a_key(app):
@@ -75,16 +63,16 @@ def test_the_chat_page_and_its_files_are_served_without_a_key(app):
 
 def test_completion_json_and_stream_agree(app):
     body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
-    whole = _post(app, "/v1/completions", body)
+    whole = post(app, "/v1/completions", body)
     assert whole.status_code == 200, whole.text
     data = whole.json()
     assert data["object"] == "text_completion" and data["model"] == "faq-a"  # the registry's best by default
     assert data["usage"]["completion_tokens"] <= 6 and data["usage"]["prompt_tokens"] == 5
     assert data["choices"][0]["finish_reason"] in ("stop", "length")
     assert whole.headers["x-answer-source"] == data["answer_source"] == "model"  # grounding is off by default
-    streamed = _post(app, "/v1/completions", {**body, "stream": True}, stream=True)
+    streamed = post(app, "/v1/completions", {**body, "stream": True}, stream=True)
     assert streamed.status_code == 200 and streamed.headers["content-type"].startswith("text/event-stream")
-    chunks = _events(streamed)
+    chunks = events(streamed)
     assert "".join(c["choices"][0]["text"] for c in chunks) == data["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == data["choices"][0]["finish_reason"]
 
@@ -111,7 +99,7 @@ def test_the_openai_client_works_unchanged(app):
 def test_two_adapters_side_by_side_answer_differently(app):
     def ask(model):
         body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
-        return _post(app, "/v1/completions", body).json()["choices"][0]["text"]
+        return post(app, "/v1/completions", body).json()["choices"][0]["text"]
 
     with ThreadPoolExecutor(6) as pool:  # concurrent: they share batches on the replica
         answers = list(pool.map(ask, ["faq-a", "faq-b"] * 3))
@@ -123,11 +111,11 @@ def test_a_newly_registered_adapter_is_served_without_a_restart(app, cluster):
     register_adapter(cluster["registry"], "faq-c", cluster["base"], seed=3, val_loss=3.0, staging=cluster["home"])
     models = requests.get(f"{app}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     assert "faq-c" in {m["id"] for m in models["data"]}
-    reply = _post(app, "/v1/completions", {"model": "faq-c", "prompt": PROMPT, "max_tokens": 4})
+    reply = post(app, "/v1/completions", {"model": "faq-c", "prompt": PROMPT, "max_tokens": 4})
     assert reply.status_code == 200 and reply.json()["model"] == "faq-c"
     loaded = requests.get(f"{app}/healthz", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["adapters"]
     assert "faq-c" in loaded and len(loaded) == 2  # serve.max_adapters_per_replica: the least recent went
-    again = _post(app, "/v1/completions", {"model": "faq-a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+    again = post(app, "/v1/completions", {"model": "faq-a", "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
     assert again.status_code == 200  # an evicted adapter loads again on its next request
 
 
@@ -144,7 +132,7 @@ def test_a_newly_registered_adapter_is_served_without_a_restart(app, cluster):
     ],
 )  # fmt: skip
 def test_bad_requests_get_openai_shaped_errors(app, body, status, fragment):
-    reply = _post(app, "/v1/completions", body)
+    reply = post(app, "/v1/completions", body)
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert fragment in error["message"] and error["type"] and "Traceback" not in reply.text
@@ -154,7 +142,7 @@ def test_malformed_json_and_chat_without_a_user_message(app):
     broken = requests.post(f"{app}/v1/chat/completions", data="{not json", timeout=10,
                            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})  # fmt: skip
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
-    system_only = _post(app, "/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"}]})
+    system_only = post(app, "/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"}]})
     assert system_only.status_code == 400 and "no user message" in system_only.json()["error"]["message"]
 
 
@@ -165,7 +153,7 @@ def test_without_keys_no_auth_and_overload_and_timeouts_answer_cleanly(cluster, 
     assert requests.get(f"{url}/v1/models", timeout=10).status_code == 200  # auth off: no key needed
     body = {"prompt": PROMPT, "max_tokens": 500, "temperature": 0, "stop": ["no-such-stop"]}
     with ThreadPoolExecutor(12) as pool:
-        replies = list(pool.map(lambda _: _post(url, "/v1/completions", body, key=None), range(12)))
+        replies = list(pool.map(lambda _: post(url, "/v1/completions", body, key=None), range(12)))
     statuses = [r.status_code for r in replies]
     assert 503 in statuses and set(statuses) <= {200, 503, 504}, statuses
     for reply in replies:
@@ -187,7 +175,7 @@ def test_a_killed_replica_is_replaced_while_requests_keep_being_answered(cluster
 
     def traffic():
         while not stop.is_set():
-            reply = _post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4}, key=None)
+            reply = post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4}, key=None)
             statuses.append((time.monotonic(), reply.status_code))
 
     replicas = _generator_replicas()

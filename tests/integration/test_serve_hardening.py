@@ -17,11 +17,10 @@ import pytest
 import requests
 from adapters import register_adapter
 from processes import wait_for
-from serving import KEY, deploy, serve_cluster
+from serving import KEY, PROMPT, deploy, events, post, serve_cluster
 
 pytestmark = pytest.mark.ray
 
-PROMPT = "GALAXY < what is ?"
 LIMITS = ["serve.body_timeout_s=3", "serve.max_body_bytes=200000", "serve.max_messages=8", "serve.max_choices=3",
           "serve.max_message_chars=2000", "serve.max_stop_strings=2", "serve.max_stop_chars=8"]  # fmt: skip
 
@@ -38,10 +37,6 @@ def app(cluster):
     url = deploy(cluster, f"serve.api_keys_file={cluster['home'] / 'keys.txt'}", "serve.host=0.0.0.0", *LIMITS)
     return url.replace("0.0.0.0", "127.0.0.1")
 
-
-def _post(url, path, body, key=KEY, **kwargs):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return requests.post(f"{url}{path}", json=body, headers=headers, timeout=60, **kwargs)
 
 
 def _raw(url: str, path: str, head: dict[str, str], body: bytes = b"", timeout: float = 30) -> tuple[int, str]:
@@ -65,12 +60,6 @@ def _raw(url: str, path: str, head: dict[str, str], body: bytes = b"", timeout: 
     text = reply.decode(errors="replace")
     return int(text.split(" ", 2)[1]) if text.startswith("HTTP/") else 0, text
 
-
-def _events(response) -> list:
-    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
-    assert all(line.startswith("data: ") for line in lines), lines
-    assert lines[-1] == "data: [DONE]"
-    return [json.loads(line[6:]) for line in lines[:-1]]
 
 
 def test_generated_docs_are_off_and_health_says_more_only_with_a_key(app):
@@ -116,7 +105,7 @@ BAD_BODIES = [
 @pytest.mark.parametrize(("body", "status", "fragment"), BAD_BODIES)
 def test_bad_requests_are_answered_with_the_setting_or_field_to_fix(app, body, status, fragment):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-    reply = _post(app, path, body)
+    reply = post(app, path, body)
     assert reply.status_code == status, reply.text
     assert fragment in reply.json()["error"]["message"] and "Traceback" not in reply.text
 
@@ -130,7 +119,7 @@ def test_text_that_is_not_unicode_is_a_400(app):
 
 
 def test_an_unknown_adapter_is_named_alone(app, cluster):
-    reply = _post(app, "/v1/completions", {"prompt": PROMPT, "model": "faq-z"})
+    reply = post(app, "/v1/completions", {"prompt": PROMPT, "model": "faq-z"})
     message = reply.json()["error"]["message"]
     assert reply.status_code == 404 and "faq-z" in message
     assert "faq-a" not in message and "faq-b" not in message and str(cluster["home"]) not in message
@@ -142,13 +131,13 @@ def test_an_unknown_adapter_is_named_alone(app, cluster):
 
 def _bad_requests(url: str) -> list[int]:
     """One of every kind of bad request; their statuses."""
-    statuses = [_post(url, p, b).status_code for b, _, _ in BAD_BODIES
+    statuses = [post(url, p, b).status_code for b, _, _ in BAD_BODIES
                 for p in ["/v1/chat/completions" if "messages" in b else "/v1/completions"]]  # fmt: skip
     head = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
     statuses.append(requests.post(f"{url}/v1/completions", data=b"{not json", headers=head, timeout=30).status_code)
     statuses.append(requests.post(f"{url}/v1/completions", data=b'"\\ud800"', headers=head, timeout=30).status_code)
-    statuses.append(_post(url, "/v1/completions", {"prompt": PROMPT}, key="wrong").status_code)
-    statuses.append(_post(url, "/v1/completions", {"prompt": " ".join(["GALAXY"] * 40)}).status_code)  # too long
+    statuses.append(post(url, "/v1/completions", {"prompt": PROMPT}, key="wrong").status_code)
+    statuses.append(post(url, "/v1/completions", {"prompt": " ".join(["GALAXY"] * 40)}).status_code)  # too long
     # 40 MB, sent chunked (no length to refuse it by): read up to serve.max_body_bytes, then a 413.
     chunked = {**head, "Transfer-Encoding": "chunked"}
     piece = b"x" * (1 << 20)
@@ -164,7 +153,7 @@ def test_a_stream_runs_to_its_end_while_bad_requests_of_every_kind_arrive(app):
     result: dict = {}
 
     def stream():
-        with _post(app, "/v1/completions", body, stream=True) as response:
+        with post(app, "/v1/completions", body, stream=True) as response:
             last = time.monotonic()
             lines = []
             for line in response.iter_lines(decode_unicode=True):
@@ -187,7 +176,7 @@ def test_a_stream_runs_to_its_end_while_bad_requests_of_every_kind_arrive(app):
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 200
     streamed = "".join(c["choices"][0]["text"] for c in chunks[:-1])
-    alone = _post(app, "/v1/completions", {**body, "stream": False}).json()["choices"][0]["text"]
+    alone = post(app, "/v1/completions", {**body, "stream": False}).json()["choices"][0]["text"]
     assert streamed == alone  # greedy: what it would have said with no one else around
     assert max(gaps[1:]) < 10, max(gaps)  # never stalled behind a 40 MB body or anyone's tokenising
 
@@ -237,11 +226,11 @@ def test_slow_uploads_time_out_and_cannot_hold_the_ingress(app):
 
 def test_a_stream_read_slowly_holds_no_one_else(app):
     body = {"prompt": PROMPT, "max_tokens": 64, "temperature": 0, "stream": True}
-    with _post(app, "/v1/completions", body, stream=True) as slow:  # opened, then left unread for a while
+    with post(app, "/v1/completions", body, stream=True) as slow:  # opened, then left unread for a while
         for _ in range(3):
-            assert _post(app, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4}).status_code == 200
+            assert post(app, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4}).status_code == 200
         time.sleep(2)
-        chunks = _events(slow)
+        chunks = events(slow)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
@@ -285,9 +274,9 @@ def test_the_openai_client_sends_parts_developer_messages_n_and_seed(app):
         client.chat.completions.create(model="faq-a", messages=[{"role": "user", "content": PROMPT}], logprobs=True)
     nulls = {"prompt": PROMPT, "max_tokens": 4, "temperature": None, "top_p": None, "n": None, "stop": None,
              "stream": None, "seed": None, "logprobs": None, "user": "someone"}  # fmt: skip
-    assert _post(app, "/v1/completions", nulls).status_code == 200
+    assert post(app, "/v1/completions", nulls).status_code == 200
     huge_seed = {"prompt": PROMPT, "max_tokens": 2, "temperature": 1.0, "seed": 2**64 + 5, "n": 2}
-    assert _post(app, "/v1/completions", huge_seed).status_code == 200  # any integer is a seed
+    assert post(app, "/v1/completions", huge_seed).status_code == 200  # any integer is a seed
 
 
 def test_langchain_s_chat_model_works_unchanged(app):
@@ -316,10 +305,10 @@ def test_a_damaged_registry_still_serves_what_is_whole(app, cluster):
     auth = {"Authorization": f"Bearer {KEY}"}
     models = requests.get(f"{app}/v1/models", headers=auth, timeout=10).json()["data"]
     assert {m["id"]: m["default"] for m in models} == {"faq-a": True, "faq-b": False}  # the best that remains
-    reply = _post(app, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
+    reply = post(app, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
     assert reply.status_code == 200 and reply.json()["model"] == "faq-a"
     for name in ("faq-d", "faq-best"):
-        broken = _post(app, "/v1/completions", {"prompt": PROMPT, "model": name})
+        broken = post(app, "/v1/completions", {"prompt": PROMPT, "model": name})
         message = broken.json()["error"]["message"]
         assert broken.status_code == 404 and f"'{name}' is damaged" in message and str(registry) not in message
 
