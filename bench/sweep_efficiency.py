@@ -6,7 +6,8 @@ The same 8 configurations (LoRA rank 8, 16, 32, 64 x learning rate 1e-4, 5e-4; a
 quickstart model and data (starter model in NF4, sample FAQ set, 2 epochs):
 
 - ``asha``: ``tune.sweep.run_sweep`` with ``search: grid``, ASHA early stopping and two one-CPU trials at a
-  time: the wall-clock time from start (Ray start-up included) to the registered adapter.
+  time: the wall-clock time from start (Ray start-up included) to the registered adapter, and each trial's
+  start-up (Tune starting it to its first optimizer step).
 - ``grid``: each configuration trained to the end with ``jobs.loop.train`` in this process, one after the
   other, on both cores, reloading the model for each (the way a cartesian ``--sweep`` runs); no Ray.
 
@@ -44,16 +45,42 @@ def _config(storage: str, extra: list[str]):
     )  # fmt: skip
 
 
+def startup_clock():
+    """A Tune callback timing each trial from Tune starting it to its loop's first step.
+
+    That is the time to its first result less the loop's own clock at that result (``train_seconds``, which
+    the loop starts just before its first step): actor start or reuse, a Train run if any, model load.
+    """
+    import ray.tune
+
+    class StartupClock(ray.tune.Callback):
+        def __init__(self) -> None:
+            self.started: dict[str, float] = {}
+            self.startup: list[tuple[str, float]] = []  # (trial id, seconds), in the order trials began
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.started[trial.trial_id] = time.monotonic()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            began = self.started.pop(trial.trial_id, None)
+            if began is not None and "train_seconds" in result:
+                self.startup.append((trial.trial_id, time.monotonic() - began - result["train_seconds"]))
+
+    return StartupClock()
+
+
 def run_asha(extra: list[str]) -> dict:
     from tune.sweep import run_sweep
 
+    clock = startup_clock()
     with tempfile.TemporaryDirectory() as storage:
         start = time.perf_counter()
         outcome = run_sweep(_config(storage, ["sweep.grace_period=4", "sweep.reduction_factor=3",
-                                              "sweep.cpus_per_trial=1", *extra]))  # fmt: skip
+                                              "sweep.cpus_per_trial=1", *extra]), callbacks=[clock])  # fmt: skip
         seconds = time.perf_counter() - start
     return {
         "seconds": seconds,
+        "startup": [round(s, 1) for _, s in clock.startup],
         "trial_steps": sum(t.steps for t in outcome.records),
         "best": {"r": outcome.best.r, "lr": outcome.best.lr, "val_loss": outcome.best.best},
         "trials": [
@@ -98,7 +125,7 @@ def run_grid(extra: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides for both, e.g. train.epochs=1")
-    parser.add_argument("--variant", choices=["asha", "grid"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["asha", "grid"], help="run one side only, in this process")
     args = parser.parse_args(argv)
     if args.variant:
         result = (run_asha if args.variant == "asha" else run_grid)(args.overrides)
@@ -118,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         best = r["best"]
         print(f"| {name} | {r['seconds'] / 60:.1f} min | {r['trial_steps']} | r={best['r']} lr={best['lr']:g} | "
               f"{best['val_loss']:.4f} |")  # fmt: skip
+    startup = a["startup"]
+    later = sorted(startup[2:])  # the first two trials (one per slot) load the base; the others find it loaded
+    print(f"\nper-trial start-up (Tune starting a trial to its first step), in trial order: {startup} s")
+    if later:
+        print(f"first two trials {startup[:2]} s; later trials median {later[len(later) // 2]:.1f} s, "
+              f"max {later[-1]:.1f} s")  # fmt: skip
     gap = (a["best"]["val_loss"] - b["best"]["val_loss"]) / b["best"]["val_loss"]
     same = (a["best"]["r"], a["best"]["lr"]) == (b["best"]["r"], b["best"]["lr"])
     print(f"\na/b wall-clock = {a['seconds'] / b['seconds']:.2f}; a/b trial-steps = "

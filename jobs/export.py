@@ -48,6 +48,7 @@ def stage_adapter(
     out = Path(staging) / ADAPTER_DIR
     with checkpoint.as_directory() as source:
         shutil.copytree(Path(source) / ADAPTER_DIR, out)
+    check.tokenizer.save_pretrained(out)  # the run's tokenizer: checkpoints do not carry it
     (out / ADAPTER_CONFIG).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]

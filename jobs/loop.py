@@ -166,7 +166,7 @@ def train(
             model.train()
             best = min(best, metrics["val_loss"])
             save_due = not cfg.train.save_every or step % cfg.train.save_every == 0 or step == total
-            _report(report, metrics, peft_model, tokenizer, optimizer, scheduler, step, best, dist, save_due)
+            _report(report, metrics, peft_model, optimizer, scheduler, step, best, dist, save_due)
             window = _Window()
     return metrics
 
@@ -298,22 +298,22 @@ def _autocast(cfg: Config, device: str):
 # --- checkpoints ---------------------------------------------------------------------------------------
 
 
-def _report(report, metrics, peft_model, tokenizer, optimizer, scheduler, step, best, dist, save_due) -> None:
+def _report(report, metrics, peft_model, optimizer, scheduler, step, best, dist, save_due) -> None:
     if not (save_due and dist.rank == 0):
         report(metrics, None)
         return
     with tempfile.TemporaryDirectory(prefix="qlora-ckpt-") as directory:
-        save_checkpoint(directory, peft_model, tokenizer, optimizer, scheduler, step, best, metrics)
+        save_checkpoint(directory, peft_model, optimizer, scheduler, step, best, metrics)
         report(metrics, directory)
 
 
-def save_checkpoint(directory, peft_model, tokenizer, optimizer, scheduler, step, best, metrics) -> None:
-    """Adapter (a loadable PEFT directory), optimizer, scheduler and step. No base weights.
+def save_checkpoint(directory, peft_model, optimizer, scheduler, step, best, metrics) -> None:
+    """Adapter (a loadable PEFT directory), optimizer, scheduler and step. No base weights, and no tokenizer:
+    it never changes during a run, so the exported adapter gets it once (``jobs.export.stage_adapter``).
 
     The random state needs no saving: the loop reseeds from (seed, rank, step) before every step.
     """
     peft_model.save_pretrained(os.path.join(directory, ADAPTER_DIR), safe_serialization=True)
-    tokenizer.save_pretrained(os.path.join(directory, ADAPTER_DIR))
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
         os.path.join(directory, "training_state.pt"),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.export import export_adapter
-from jobs.loop import STEP_LOG, Dist, seed_everything, train
+from jobs.loop import STEP_LOG, Dist, Report, seed_everything, train
 from jobs.preflight import PreflightResult, prepare_run
 from qlora_ray import cli, console
 from qlora_ray.config import Config, from_dict
@@ -55,7 +55,6 @@ def worker_env() -> dict[str, str]:
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker: load the base on this worker's device, attach LoRA, train."""
-    import ray
     import ray.train
     import ray.train.torch
     import torch
@@ -65,33 +64,57 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     console.setup_worker(rank)
     device = str(ray.train.torch.get_device()) if cfg.train.use_gpu else "cpu"
-    # Ray sets OMP_NUM_THREADS to the floor of the worker's CPUs (1.99 -> 1); round instead.
-    torch.set_num_threads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    seed_everything(cfg.train.seed)  # same LoRA initialisation on every rank
+    use_assigned_cpus()
     tokenizer = load_tokenizer(cfg.model)
-    model = attach_lora(load_model(cfg.model, device), cfg)
-    if not loop_config.get("step_lines", True):  # a sweep trial: the sweep's trial lines are its progress
-        STEP_LOG.setLevel(logging.WARNING)
-    STEP_LOG.info(
-        "rank %d/%d: %s base on %s, gradient checkpointing %s, %d torch threads",
-        rank, world, cfg.model.quantization, device, "on" if cfg.model.gradient_checkpointing else "off",
-        torch.get_num_threads(),
-    )  # fmt: skip
+    base = load_model(cfg.model, device)
+    seed_everything(cfg.train.seed)  # same LoRA initialisation on every rank
+    model = attach_lora(base, cfg)
     if world > 1:
         device_ids = [torch.device(device).index] if device.startswith("cuda") else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    rows = _shard_rows("train")
-    holdout = _shard_rows("holdout")
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    checkpoint = ray.train.get_checkpoint()
+    rows, holdout = _shard_rows("train"), _shard_rows("holdout")
+    run_loop(cfg, model, tokenizer, rows, holdout, report, Dist(rank, world, device), ray.train.get_checkpoint(),
+             step_lines=loop_config.get("step_lines", True))  # fmt: skip
+
+
+def use_assigned_cpus() -> None:
+    """As many torch threads as CPUs Ray assigned to this worker or trial.
+
+    Ray sets OMP_NUM_THREADS to the floor of the worker's CPUs (1.99 -> 1); this rounds instead.
+    """
+    import ray
+    import torch
+
+    torch.set_num_threads(max(1, round(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+
+
+def run_loop(
+    cfg: Config, model: Any, tokenizer: Any, rows: list[dict[str, list[int]]], holdout: list[dict[str, list[int]]],
+    report: Report, dist: Dist, checkpoint: Any, step_lines: bool = True,
+) -> dict[str, float]:  # fmt: skip
+    """Train ``model`` (LoRA attached, on its device) from ``checkpoint`` (a Ray checkpoint, or None to start).
+
+    Shared by a Ray Train worker and a one-worker sweep trial (``tune.trial``), which differ only in where the
+    model, rows and checkpoint come from and where ``report`` sends them. ``step_lines``: whether rank 0 logs its
+    per-step progress (a sweep's trials do not; the sweep's own trial lines are their progress).
+    """
+    import torch
+
+    STEP_LOG.setLevel(logging.NOTSET if step_lines else logging.WARNING)
+    STEP_LOG.info(
+        "rank %d/%d: %s base on %s, gradient checkpointing %s, %d torch threads",
+        dist.rank, dist.world, cfg.model.quantization, dist.device,
+        "on" if cfg.model.gradient_checkpointing else "off", torch.get_num_threads(),
+    )  # fmt: skip
     if checkpoint is not None:
         log.info("restoring from checkpoint %s", checkpoint.path)
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume_dir:
-        train(cfg, model, tokenizer, rows, holdout, report, Dist(rank, world, device), resume_dir)
+        return train(cfg, model, tokenizer, rows, holdout, report, dist, resume_dir)
 
 
 def _shard_rows(name: str) -> list[dict[str, list[int]]]:

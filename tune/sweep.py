@@ -1,13 +1,16 @@
 """Ray Tune sweep over LoRA rank and learning rate: ``python -m tune.sweep --config PATH [key=value ...]``.
 
-Every trial is a run of the train job's own code: a Tune function trainable (the "driver function") builds
-the same Ray Train ``TorchTrainer`` as ``python -m jobs.train`` and relays each evaluation to Tune through
-``TuneReportCallback``, so ASHA stops trials on their intermediate holdout loss. Data is checked and
-tokenised once, in this driver, and shared with every trial through the object store.
+Every trial runs the train job's own loop (:func:`jobs.train.run_loop`) and reports each evaluation to Tune,
+so ASHA stops trials on their intermediate holdout loss. A trial with ``train.num_workers: 1`` trains inside
+its Tune actor, which keeps its base model for the next trial (:mod:`tune.trial`); one with several workers
+builds the same Ray Train ``TorchTrainer`` as ``python -m jobs.train`` and relays its reports through
+``TuneReportCallback``. Data is checked and tokenised once, in this driver, and shared with every trial
+through the object store.
 
 Layout under ``<run.storage_path>/<run.name>/``: Tune's results (one directory per trial with
-``progress.csv``, ``result.json`` and TensorBoard event files), ``train_runs/<trial id>/`` (each trial's
-Ray Train checkpoints), and ``report/`` (``trials.csv``, ``trials.json``, ``sweep.png``). The best trial's
+``progress.csv``, ``result.json``, TensorBoard event files and a one-worker trial's checkpoints),
+``train_runs/<trial id>/`` (a multi-worker trial's Ray Train checkpoints), and ``report/`` (``trials.csv``,
+``trials.json``, ``sweep.png``). The best trial's
 adapter is registered in ``run.registry`` under ``run.name``. Rerunning the same command after the driver
 died resumes the sweep: finished trials are kept, unfinished ones continue from their checkpoints.
 """
@@ -23,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,7 @@ from tune.space import (
     trial_config,
     trial_count,
 )
+from tune.trial import train_in_trial
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +78,15 @@ class SweepOutcome:
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], train_rows: list, holdout_rows: list, storage: str,
               resources: dict[str, float]) -> None:  # fmt: skip
-    """One trial (runs in a Tune actor): the train job's ``TorchTrainer`` with this trial's hyperparameters."""
+    """One trial (runs in a Tune actor) with this trial's hyperparameters: in the actor itself with one worker
+    (:mod:`tune.trial`), else the train job's ``TorchTrainer`` with ``resources`` per worker."""
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(from_dict(base, source="sweep"), params)
+    if cfg.train.num_workers == 1:
+        train_in_trial(cfg, train_rows, holdout_rows)
+        return
     trainer = build_trainer(
         cfg, train_rows, holdout_rows, f"{storage}/{cfg.run.name}/{TRAIN_RUNS}",
         ray.tune.get_context().get_trial_id(), callbacks=[TuneReportCallback()], resources=resources,
@@ -114,10 +123,13 @@ def _check_searched_targets(cfg: Config) -> None:
         raise PreflightError("the sweep cannot start:\n" + "\n".join(f"- {p}" for p in problems))
 
 
-def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = None) -> SweepOutcome:
+def run_sweep(
+    cfg: Config, prepared: tuple[Config, PreflightResult] | None = None, callbacks: Sequence[Any] = ()
+) -> SweepOutcome:
     """Check the data once, run (or resume) the sweep, report it, and register the best adapter.
 
     ``prepared``: what :func:`prepare_sweep` returned for ``cfg``, when the caller ran it already.
+    ``callbacks``: more ``ray.tune.Callback`` objects for the sweep (a new one, not a resumed one).
     """
     cfg, check = prepared or prepare_sweep(cfg)
     assert check.data is not None
@@ -130,7 +142,7 @@ def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = Non
             run_trial, base=cfg.model_dump(), train_rows=check.data.train_rows,
             holdout_rows=check.data.holdout_rows, storage=storage, resources=resources,
         ),
-        {"CPU": DRIVER_CPUS},
+        resources if cfg.train.num_workers == 1 else {"CPU": DRIVER_CPUS},
     )  # fmt: skip
     path = f"{storage.rstrip('/')}/{cfg.run.name}"
     registered_by(cfg, path)  # a registry name another run holds: refused now, not after the sweep
@@ -152,12 +164,16 @@ def run_sweep(cfg: Config, prepared: tuple[Config, PreflightResult] | None = Non
             param_space=param_space(cfg),
             tune_config=ray.tune.TuneConfig(
                 metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=trial_count(cfg),
-                scheduler=scheduler(cfg, total), search_alg=searcher(cfg, concurrency),
+                scheduler=scheduler(cfg, total), search_alg=searcher(cfg, concurrency), reuse_actors=True,
             ),
             run_config=ray.tune.RunConfig(
                 name=cfg.run.name, storage_path=storage, verbose=0,
                 failure_config=ray.tune.FailureConfig(max_failures=cfg.sweep.max_retries),
-                callbacks=[Progress(cfg, total)],
+                checkpoint_config=ray.tune.CheckpointConfig(
+                    num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=cfg.sweep.metric,
+                    checkpoint_score_order=cfg.sweep.mode,
+                ),
+                callbacks=[Progress(cfg, total), *callbacks],
             ),
         )  # fmt: skip
     log.info(
@@ -225,7 +241,7 @@ def _fit(tuner: Any) -> Any:
                 signal.signal(number, handler)
 
 
-DRIVER_CPUS = 0.01  # a trial's driver function only waits on its trainer; Ray refuses a request of 0
+DRIVER_CPUS = 0.01  # a multi-worker trial's driver function only waits on its trainer; Ray refuses 0
 
 
 def _check_same_sweep(path: str, cfg: Config) -> None:
@@ -243,13 +259,14 @@ def _check_same_sweep(path: str, cfg: Config) -> None:
 
 
 def trial_resources(cfg: Config, cluster: dict[str, float]) -> tuple[dict[str, float], int]:
-    """Resources of each Train worker of a trial, and how many trials run at once.
+    """Resources of each worker of a trial, and how many trials run at once.
 
-    A trial's CPUs include its driver function's share, so that two 1-CPU trials do fit on 2 CPUs.
+    With one worker the trial's actor is the worker and gets them all. With several, a trial's CPUs include
+    its driver function's share, so that two 2-worker 1-CPU trials do fit on 4 CPUs.
     """
     workers = cfg.train.num_workers
     cpus = cfg.sweep.cpus_per_trial or workers * cfg.train.cpus_per_worker
-    per_worker = {"CPU": (cpus - DRIVER_CPUS) / workers}
+    per_worker = {"CPU": cpus if workers == 1 else (cpus - DRIVER_CPUS) / workers}
     fits = cluster.get("CPU", 0) / cpus
     if cfg.train.use_gpu:
         gpus = cfg.sweep.gpus_per_trial or workers
@@ -269,12 +286,10 @@ def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
     if frame is not None and metric in frame:
         rows = frame.dropna(subset=[metric])
         history = [(int(s), float(v)) for s, v in zip(rows["step"], rows[metric], strict=True)]
-        if "checkpoint_path" in rows:
-            saved = rows.dropna(subset=["checkpoint_path"])
-            if len(saved):
-                pick = saved[metric].idxmin() if cfg.sweep.mode == "min" else saved[metric].idxmax()
-                best, checkpoint = float(saved.loc[pick, metric]), str(saved.loc[pick, "checkpoint_path"])
-                best_step = int(saved.loc[pick, "step"])
+    saved = _checkpoints(result, metric)
+    if saved:
+        pick = (min if cfg.sweep.mode == "min" else max)(saved)
+        best, best_step, checkpoint = pick
     steps = history[-1][0] if history else 0
     if result.error is not None:
         status, error = "failed", failure_summary(result.error)
@@ -286,6 +301,17 @@ def _record(result: Any, cfg: Config, total: int) -> report.TrialRecord:
         status=status, steps=steps, best=best, history=history, checkpoint=checkpoint, error=error,
         best_step=best_step, params=params,
     )  # fmt: skip
+
+
+def _checkpoints(result: Any, metric: str) -> list[tuple[float, int, str]]:
+    """(metric, step, path) of each checkpoint a trial saved: Tune keeps those of a one-worker trial; a
+    multi-worker trial's are its Ray Train run's, whose paths it reported as ``checkpoint_path``."""
+    frame = result.metrics_dataframe
+    if frame is not None and "checkpoint_path" in frame and metric in frame:
+        rows = frame.dropna(subset=[metric, "checkpoint_path"])
+        return [(float(v), int(s), str(p)) for v, s, p in zip(rows[metric], rows["step"], rows["checkpoint_path"],
+                                                               strict=True)]  # fmt: skip
+    return [(float(m[metric]), int(m["step"]), c.path) for c, m in result.best_checkpoints or [] if metric in m]
 
 
 def register_best(cfg: Config, best: report.TrialRecord, check: Any, storage: str, path: str) -> str:

@@ -24,30 +24,42 @@ def _command(model_dir, tmp_path, name, *extra):
 
 
 @pytest.mark.ray
-def test_asha_sweep_reports_trials_survives_a_failing_one_and_registers_the_best(tiny_phi_dir, tmp_path):
-    # A grid of 4: ranks 2 and 4, alpha 8 or 1e30; the 1e30 trials diverge at once (a bad hyperparameter).
+@pytest.mark.parametrize(
+    ("ranks", "workers"),
+    [
+        pytest.param([2, 4], [], id="one worker: trials train in their Tune actors"),
+        pytest.param([2], ["train.num_workers=2", "sweep.cpus_per_trial=2"], id="two workers: a TorchTrainer each"),
+    ],
+)
+def test_asha_sweep_reports_trials_survives_a_failing_one_and_registers_the_best(tiny_phi_dir, tmp_path, ranks,
+                                                                                   workers):  # fmt: skip
+    # A grid of each rank with alpha 8 or 1e30; the 1e30 trials diverge at once (a bad hyperparameter).
     # The trials that work are then ranked by their answers to the holdout split (token F1), not their loss.
     command = _command(
-        tiny_phi_dir, tmp_path, "small", "sweep.search=grid", "sweep.ranks=[2,4]", "sweep.lr_grid=[0.003]",
+        tiny_phi_dir, tmp_path, "small", "sweep.search=grid", f"sweep.ranks={ranks}", "sweep.lr_grid=[0.003]",
         "sweep.alphas=[8,1e30]", "sweep.num_samples=1", "train.max_steps=6", "train.eval_every=2",
         "sweep.grace_period=2", "sweep.reduction_factor=2", "sweep.rank_by=token_f1", "sweep.rank_top_k=2",
-        "serve.default_max_tokens=4",
+        "serve.default_max_tokens=4", *workers,
     )  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
+    # Where the checkpoints are says which path trained: Ray Train runs, or the trials' own Tune directories.
+    train_runs = list((tmp_path / "runs/small/train_runs").glob("*/checkpoint_*/trainer_state.json"))
+    in_trials = list((tmp_path / "runs/small").glob("run_trial_*/checkpoint_*/trainer_state.json"))
+    assert (bool(train_runs), bool(in_trials)) == ((True, False) if workers else (False, True))
 
     report = tmp_path / "runs/small/report"
     trials = list(csv.DictReader((report / "trials.csv").open()))
-    assert len(trials) == 4
+    assert len(trials) == 2 * len(ranks)
     failed = [t for t in trials if t["status"] == "failed"]
     assert {float(t["alpha"]) for t in failed} == {1e30} and all("diverged" in t["error"] for t in failed)
     ok = [t for t in trials if t["status"] != "failed"]
-    assert len(ok) == 2 and all(t["status"] in ("finished", "stopped early") for t in ok)
+    assert len(ok) == len(ranks) and all(t["status"] in ("finished", "stopped early") for t in ok)
     assert (report / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((report / "trials.json").read_text())
     scores = {t["trial_id"]: t["generation"] for t in summary["trials"] if t["status"] != "failed"}
-    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores.values())  # both answered and were scored
+    assert len(scores) == len(ranks) and all(0 <= s <= 1 for s in scores.values())  # both answered and were scored
     assert all(t["generation"] is None for t in summary["trials"] if t["status"] == "failed")
     assert scores[summary["best_trial"]] == max(scores.values())
     best = next(t for t in ok if t["trial_id"] == summary["best_trial"])
@@ -83,10 +95,10 @@ def test_rerunning_after_the_driver_died_resumes_the_sweep(tiny_phi_dir, tmp_pat
         "sweep.num_samples=1", "sweep.early_stopping=false", "sweep.max_concurrent_trials=1",
         "train.max_steps=60", "train.eval_every=5",
     )  # fmt: skip
-    runs = tmp_path / "runs/resume/train_runs"
+    sweep = tmp_path / "runs/resume"
 
-    def trial_dirs():
-        return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
+    def trial_dirs():  # Tune's, in trial order; one-worker trials keep their checkpoints there
+        return sorted(p for p in sweep.glob("run_trial_*") if p.is_dir())
 
     def second_trial_checkpointed():
         dirs = trial_dirs()

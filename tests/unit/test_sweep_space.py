@@ -72,11 +72,14 @@ def test_a_trial_config_applies_rank_lr_and_the_alpha_rule():
 @pytest.mark.parametrize(
     ("overrides", "cluster", "per_worker", "concurrent"),
     [
-        ({"train": {"cpus_per_worker": 2}}, {"CPU": 2}, {"CPU": 1.99}, 1),
-        ({"sweep": {"cpus_per_trial": 1}}, {"CPU": 2}, {"CPU": 0.99}, 2),  # driver + worker = 1 CPU: two fit
-        ({"sweep": {"cpus_per_trial": 1, "max_concurrent_trials": 1}}, {"CPU": 8}, {"CPU": 0.99}, 1),
+        # one worker: the trial's actor trains, and has the trial's resources
+        ({"train": {"cpus_per_worker": 2}}, {"CPU": 2}, {"CPU": 2}, 1),
+        ({"sweep": {"cpus_per_trial": 1}}, {"CPU": 2}, {"CPU": 1}, 2),
+        ({"sweep": {"cpus_per_trial": 1, "max_concurrent_trials": 1}}, {"CPU": 8}, {"CPU": 1}, 1),
         ({"train": {"use_gpu": True, "cpus_per_worker": 1}, "sweep": {"gpus_per_trial": 0.5}},
-         {"CPU": 16, "GPU": 1}, {"CPU": 0.99, "GPU": 0.5}, 2),
+         {"CPU": 16, "GPU": 1}, {"CPU": 1, "GPU": 0.5}, 2),
+        # several: a TorchTrainer per trial, its driver function's share taken from the trial's CPUs
+        ({"train": {"num_workers": 2}, "sweep": {"cpus_per_trial": 2}}, {"CPU": 4}, {"CPU": 0.995}, 2),
         ({"train": {"use_gpu": True, "num_workers": 2}, "sweep": {"cpus_per_trial": 4}},
          {"CPU": 16, "GPU": 4}, {"CPU": 1.995, "GPU": 1}, 2),
     ],
@@ -277,7 +280,8 @@ def test_describe_the_report_and_the_record_show_the_searched_keys(tmp_path):
     )
     assert describe({"lora.r": 4, "train.lr": 2e-4, "lora.dropout": 0.1}, base) == "r=4 alpha=8 lr=2.00e-04 dropout=0.1"
 
-    result = SimpleNamespace(config=params, metrics={}, metrics_dataframe=None, error=None, path="/runs/s/trial_7")
+    result = SimpleNamespace(config=params, metrics={}, metrics_dataframe=None, best_checkpoints=[], error=None,
+                             path="/runs/s/trial_7")
     record = _record(result, base, total=10)
     assert (record.trial_id, record.r, record.alpha, record.lr, record.params) == ("trial_7", 8, 16, 1e-4, params)
     assert trial_config(base, record.params).lora.target_modules == ["q_proj", "v_proj"]  # how the best is registered
