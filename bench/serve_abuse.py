@@ -2,7 +2,7 @@
 every kind (no key, malformed JSON, a lone surrogate, an empty prompt, refused fields, over-long prompts, too
 many messages, 40 MB bodies, uploads trickled a byte at a time, unknown adapters).
 
-    .venv/bin/python bench/serve_abuse.py [--adapter runs/quickstart/adapter] [--seconds 60]
+    .venv/bin/python bench/serve_abuse.py [--adapter DIR] [--seconds 60]
 
 Model: the quickstart's starter model with the quickstart adapter when ``make quickstart`` has written it,
 else a LoRA adapter with random weights on the same model (answer quality plays no part here). One generator
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from serve_load import deploy, free_port, load, prompts, registry_with, stream_once  # noqa: E402
+from serve_load import deploy, free_port, load, prompts, quickstart_adapter, registry_with, stream_once  # noqa: E402
 
 KEY = "bench-key"
 CLIENTS = 16
@@ -151,7 +151,7 @@ def abusive_phase(url: str, port: int, seconds: float, max_tokens: int) -> tuple
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", default=str(REPO / "runs/quickstart/adapter"), help="adapter directory")
+    parser.add_argument("--adapter", help="adapter directory (default: the quickstart's)")
     parser.add_argument("--seconds", type=float, default=60, help="duration of each phase")
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     with tempfile.TemporaryDirectory() as home:
-        adapter = Path(args.adapter)
+        adapter = Path(args.adapter or quickstart_adapter())
         if not (adapter / "adapter_model.safetensors").exists():
             print(f"no adapter at {adapter}: a random LoRA adapter on the quickstart's model stands in", flush=True)
             adapter = random_adapter(Path(home))
