@@ -1,10 +1,10 @@
 """A one-worker sweep trial, trained inside its own Tune actor: no Ray Train run, no worker group.
 
 A trial with ``train.num_workers: 1`` would otherwise start a ``TorchTrainer`` of its own: a controller, a
-worker, a placement group and a Ray Data split, and then load the base model, for every trial (about 20 s
-each on 2 cores, before its first step). Here the trial's actor runs the same loop as a Train worker
-(:func:`jobs.train.run_loop`: same checkpoints, resume, reports), with the rows it was handed by object
-reference, and reports and resumes through Ray Tune's own API.
+worker, a placement group and a Ray Data split, and then load the base model, for every trial (37 to 50 s
+before its first step with two trials starting at once on 2 cores; docs/benchmarks.md). Here the trial's
+actor runs the same loop as a Train worker (:func:`jobs.train.run_loop`: same checkpoints, resume, reports),
+with the rows it was handed by object reference, and reports and resumes through Ray Tune's own API.
 
 The sweep reuses its actors from trial to trial (``reuse_actors``), and an actor keeps the base model it
 loaded: each trial attaches a fresh LoRA adapter to it and takes it off again when it ends, so a trial after
